@@ -1,0 +1,74 @@
+"""Checkpoints for exact resume: checkpoints/step_NNNNNNN/{adapters,optimizer}.safetensors + state.json.
+
+A checkpoint is written into a hidden temporary folder and renamed into place when complete, so a folder
+named step_* is always whole; state.json (written last) is the mark of a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_json, fsync_dir
+
+PREFIX = "step_"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, adapter_weights: dict, optimizer_state: dict, state: dict,
+                    keep: int) -> Path:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f".tmp-{PREFIX}{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    mx.save_safetensors(str(tmp / "adapters.safetensors"), adapter_weights)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
+    atomic_write_json(tmp / "state.json", {"step": step, **state})
+    fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step after a resume: replace it whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(root)
+    prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (always at least the newest) and clear leftovers of torn saves."""
+    found = checkpoint_dirs(run_dir)
+    for old in found[: max(len(found) - max(keep, 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for junk in (Path(run_dir) / "checkpoints").glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(junk, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict[str, Any]]:
+    """(adapter weights, optimizer state tree, state.json) of one checkpoint."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    adapters = mx.load(str(path / "adapters.safetensors"))
+    optimizer = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    return adapters, optimizer, state

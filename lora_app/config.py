@@ -1,0 +1,324 @@
+"""The run configuration: one dataclass per section; each field's help text is its documentation.
+
+A run's config is stored flat (one key per field) in `config.json` and in YAML files, with mlx-lm's names
+where mlx-lm has the same setting, so `python -m lora_app train --config` and `mlx_lm.lora --config`
+read the same file. This module imports neither mlx nor gradio: the UI reads configs without loading MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEMO = "demo"  # the built-in offline model / dataset (see lora_app/demo.py)
+LAYER_SPEC = re.compile(r"^(all|last:\d+|\d+-\d+|\d+(,\d+)*)$")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting and what is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default=DEMO, metadata={"help": "Model folder, Hugging Face repo id, or 'demo'."})
+    dequantize: bool | None = field(
+        default=None,
+        metadata={"help": "De-quantize a quantized base on load (default: yes on CPU, where quantized "
+                          "matmuls are slow; no on GPUs, which is QLoRA)."},
+    )
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Linear modules to adapt, by last name component (q_proj means self_attn.q_proj)."},
+    )
+    layers: str = field(
+        default="all", metadata={"help": "Blocks to adapt: all, last:N, A-B (inclusive) or a list like 0,2,5."}
+    )
+
+
+@dataclass
+class DataConfig:
+    data: str = field(default=DEMO, metadata={"help": "Data folder, single file, Hugging Face dataset, or 'demo'."})
+    data_format: str = field(
+        default="auto", metadata={"help": "auto, text, completions, chat or instruction."}
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Column mapping, e.g. {prompt: question, completion: answer}."},
+    )
+    hf_split: str = field(default="", metadata={"help": "Split of a Hugging Face dataset to use for training."})
+    valid_fraction: float = field(
+        default=0.1, metadata={"help": "Share of a single file held out for validation."}
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/valid split of a single file."})
+    mask_prompt: bool = field(default=False, metadata={"help": "Train on completions / assistant turns only."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip rows that cannot be used, and count them."})
+
+
+@dataclass
+class TrainConfig:
+    iters: int = field(default=200, metadata={"help": "Training steps (total, also when resuming)."})
+    epochs: float = field(default=0.0, metadata={"help": "If > 0, train this many epochs instead of --iters."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per step (over all processes)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    warmup: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (decay to 0 at the end) or constant."})
+    optimizer: str = field(default="adamw", metadata={"help": "adam or adamw."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    grad_clip: float = field(default=0.0, metadata={"help": "Clip gradients to this global norm (0: off)."})
+    max_seq_length: int = field(default=2048, metadata={"help": "Longer sequences are truncated."})
+    batching: str = field(
+        default="packed",
+        metadata={"help": "packed (short rows share a row, few shapes: fast) or padded (one row each)."},
+    )
+    steps_per_report: int = field(default=10, metadata={"help": "Steps between train-loss reports."})
+    steps_per_eval: int = field(default=50, metadata={"help": "Steps between validations (0: never)."})
+    val_batches: int = field(default=25, metadata={"help": "Validation batches (-1: the whole set)."})
+    save_every: int = field(default=100, metadata={"help": "Steps between checkpoints."})
+    keep_checkpoints: int = field(default=3, metadata={"help": "Checkpoints kept (the newest is never deleted)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (LoRA init, data order, dropout)."})
+    grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations: less memory, slower."})
+    memory_limit_gb: float = field(default=0.0, metadata={"help": "Cap MLX memory (GB, 0: no cap)."})
+    early_stop_patience: int = field(
+        default=0, metadata={"help": "Stop after this many evaluations without improvement (0: off)."}
+    )
+    early_stop_min_delta: float = field(
+        default=0.0, metadata={"help": "Smallest validation-loss drop that counts as improvement."}
+    )
+    probe_prompts: list[str] = field(
+        default_factory=list, metadata={"help": "Up to 5 prompts answered greedily at each evaluation."}
+    )
+    probe_max_tokens: int = field(default=32, metadata={"help": "Tokens generated per probe answer."})
+
+
+SECTIONS = (ModelConfig, LoraConfig, DataConfig, TrainConfig)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for section in (self.model, self.lora, self.data, self.train):
+            flat.update(asdict(section))
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Build from flat keys (ours or mlx-lm's); unknown keys are an error naming them."""
+        flat = translate_mlx_lm_keys(dict(flat))
+        known = all_field_names()
+        unknown = sorted(set(flat) - known - IGNORED_MLX_LM_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        sections = []
+        for section_cls in SECTIONS:
+            values = {}
+            for f in fields(section_cls):
+                if f.name in flat and flat[f.name] is not None:
+                    values[f.name] = coerce(f, flat[f.name])
+            sections.append(section_cls(**values))
+        config = cls(*sections)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        problems = []
+        lo, tr, da = self.lora, self.train, self.data
+        if lo.rank < 1:
+            problems.append(f"rank must be at least 1 (got {lo.rank})")
+        if not lo.alpha > 0:
+            problems.append(f"alpha must be greater than 0 (got {lo.alpha})")
+        if not 0 <= lo.dropout < 1:
+            problems.append(f"dropout must be in [0, 1) (got {lo.dropout})")
+        if not lo.modules:
+            problems.append("modules: choose at least one module to adapt")
+        if not LAYER_SPEC.match(str(lo.layers)):
+            problems.append(f"layers must be all, last:N, A-B or a list like 0,2,5 (got {lo.layers!r})")
+        if da.data_format not in ("auto", "text", "completions", "chat", "instruction"):
+            problems.append(f"data_format must be auto, text, completions, chat or instruction "
+                            f"(got {da.data_format!r})")
+        if not 0 < da.valid_fraction < 1:
+            problems.append(f"valid_fraction must be between 0 and 1 (got {da.valid_fraction})")
+        for name in ("iters", "batch_size", "max_seq_length", "steps_per_report", "save_every", "keep_checkpoints"):
+            if getattr(tr, name) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(tr, name)})")
+        for name in ("warmup", "steps_per_eval", "epochs", "grad_clip", "weight_decay", "memory_limit_gb",
+                     "early_stop_patience", "early_stop_min_delta"):
+            if getattr(tr, name) < 0:
+                problems.append(f"{name} must not be negative (got {getattr(tr, name)})")
+        if not tr.learning_rate > 0:
+            problems.append(f"learning_rate must be greater than 0 (got {tr.learning_rate})")
+        if tr.lr_schedule not in ("cosine", "constant"):
+            problems.append(f"lr_schedule must be cosine or constant (got {tr.lr_schedule!r})")
+        if tr.optimizer not in ("adam", "adamw"):
+            problems.append(f"optimizer must be adam or adamw (got {tr.optimizer!r})")
+        if tr.batching not in ("packed", "padded"):
+            problems.append(f"batching must be packed or padded (got {tr.batching!r})")
+        if len(tr.probe_prompts) > 5:
+            problems.append(f"probe_prompts: at most 5 prompts (got {len(tr.probe_prompts)})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def scale(self) -> float:
+        return self.lora.alpha / self.lora.rank
+
+
+def all_field_names() -> set[str]:
+    return {f.name for section in SECTIONS for f in fields(section)}
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for section in SECTIONS for f in fields(section)}
+
+
+def field_defaults() -> dict[str, Any]:
+    return RunConfig().to_flat()
+
+
+def coerce(f, value: Any) -> Any:
+    """Turn YAML/CLI values into the field's type, with a message naming the field when that fails."""
+    kind = str(f.type)
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return {str(k): str(v) for k, v in value.items()}
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{f.name}: expected {kind.split(' ')[0]}, got {value!r}") from None
+
+
+# mlx-lm keys with no meaning for us (kept so its YAML files load unchanged).
+IGNORED_MLX_LM_KEYS = {
+    "train", "test", "test_batches", "fine_tune_type", "adapter_path", "resume_adapter_file", "config",
+    "grad_accumulation_steps", "clear_cache_threshold", "report_to", "project_name", "trust_remote_code",
+    "optimizer_config", "wandb", "hf_dataset",
+}
+
+
+def translate_mlx_lm_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """Map mlx-lm's config keys onto ours: lora_parameters.scale -> alpha, num_layers -> layers, ..."""
+    params = flat.pop("lora_parameters", None)
+    if params:
+        rank = params.get("rank", flat.get("rank", 8))
+        flat.setdefault("rank", rank)
+        if "scale" in params and "alpha" not in flat:
+            flat["alpha"] = float(params["scale"]) * float(rank)
+        if "dropout" in params:
+            flat.setdefault("dropout", params["dropout"])
+        if params.get("keys"):
+            flat.setdefault("modules", [k.rsplit(".", 1)[-1] for k in params["keys"]])
+    if "num_layers" in flat:
+        n = flat.pop("num_layers")
+        flat.setdefault("layers", "all" if n in (-1, None) else f"last:{int(n)}")
+    schedule = flat.pop("lr_schedule", None)
+    if isinstance(schedule, dict):  # mlx-lm form: {name: cosine_decay, arguments: [...], warmup: N}
+        flat["lr_schedule"] = "cosine" if "cosine" in schedule.get("name", "") else "constant"
+        flat.setdefault("warmup", schedule.get("warmup", 0))
+    elif schedule is not None:
+        flat["lr_schedule"] = schedule
+    if "steps_per_save" in flat:
+        flat.setdefault("save_every", flat.pop("steps_per_save"))
+    return flat
+
+
+def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dict[str, Any]:
+    """Flat settings that both `python -m lora_app train --config` and `mlx_lm.lora --config` accept."""
+    flat = config.to_flat()
+    out: dict[str, Any] = {"train": True, "fine_tune_type": "lora"}
+    for key in ("model", "data", "batch_size", "iters", "learning_rate", "steps_per_report", "steps_per_eval",
+                "val_batches", "save_every", "max_seq_length", "seed", "grad_checkpoint", "mask_prompt",
+                "optimizer"):
+        out[key] = flat[key]
+    layers = config.lora.layers
+    if layers == "all":
+        out["num_layers"] = -1
+    elif layers.startswith("last:"):
+        out["num_layers"] = int(layers.split(":")[1])
+    else:
+        raise ConfigError(f"mlx-lm configs can only adapt the last N blocks, not layers={layers!r}")
+    out["lora_parameters"] = {
+        "rank": config.lora.rank,
+        "scale": config.scale,
+        "dropout": config.lora.dropout,
+        "keys": [full_module_name(m) for m in config.lora.modules],
+    }
+    if config.train.lr_schedule == "cosine":
+        total = config.train.iters
+        out["lr_schedule"] = {
+            "name": "cosine_decay",
+            "arguments": [config.train.learning_rate, max(total - config.train.warmup, 1), 0.0],
+            "warmup": config.train.warmup,
+        }
+    return out
+
+
+def full_module_name(module: str) -> str:
+    """mlx-lm matches keys against full in-block paths; map a short name onto the llama-family path."""
+    if "." in module:
+        return module
+    attn = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    return f"self_attn.{module}" if module in attn else f"mlp.{module}"
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into flat keys; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def save_config_json(config: RunConfig, path: Path) -> None:
+    from .fileio import atomic_write_json
+
+    atomic_write_json(path, config.to_flat())
+
+
+def load_run_config(path: Path) -> RunConfig:
+    return RunConfig.from_flat(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -1,0 +1,252 @@
+"""Run folders: the contract between the UI and the training processes.
+
+runs/<name>/
+  config.json     the full run config (flat keys, see config.py)
+  events.jsonl    one JSON object per line, appended by the trainer; a torn last line is ignored by readers
+  adapters/       the latest adapter (mlx-lm layout); best/ the one with the lowest validation loss
+  checkpoints/    step_NNNNNNN/ folders for exact resume
+  control         "stop" or "pause", written by the UI or CLI; the trainer polls it between steps
+  train.pid, train.log
+
+Imports neither mlx nor gradio, so the UI lists and follows runs without loading MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_text
+
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+TERMINAL = {"done", "stopped", "paused", "error"}
+
+
+# ---- events ---------------------------------------------------------------------------------------------
+
+def append_event(run_dir: Path, event: str, **fields: Any) -> dict:
+    """Append one event line; flushed and fsynced so a reader (or a crash) sees whole lines only."""
+    record = {"event": event, "time": round(time.time(), 3), **fields}
+    line = json.dumps(record, default=float) + "\n"
+    with open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    return record
+
+
+class EventReader:
+    """Reads events.jsonl incrementally (for polling): only whole lines; a torn last line waits for its end."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "events.jsonl"
+        self.offset = 0
+
+    def read_new(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        return parse_event_lines(chunk[:end])
+
+
+def parse_event_lines(data: bytes) -> list[dict]:
+    events = []
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash mid-write: the reader skips it
+        if isinstance(record, dict) and "event" in record:
+            events.append(record)
+    return events
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    return EventReader(run_dir).read_new()
+
+
+# ---- state of a run -------------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """What the UI shows about a run, derived from its folder only."""
+
+    path: Path
+    status: str = "new"  # new | running | done | stopped | paused | error | interrupted
+    step: int = 0
+    total_steps: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    message: str = ""
+    started: float | None = None
+    config: dict = field(default_factory=dict)
+    alive: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def active(self) -> bool:
+        return self.alive and self.status not in TERMINAL
+
+
+def run_state(run_dir: Path, events: list[dict] | None = None) -> RunState:
+    run_dir = Path(run_dir)
+    state = RunState(path=run_dir, config=read_config(run_dir))
+    state.total_steps = int(state.config.get("iters", 0) or 0)
+    for e in read_events(run_dir) if events is None else events:
+        kind = e["event"]
+        if kind == "status":
+            state.status = e["status"]
+            state.message = e.get("message", state.message)
+            state.total_steps = e.get("total_steps", state.total_steps)
+            if e["status"] == "starting" and state.started is None:
+                state.started = e["time"]
+        elif kind == "train":
+            state.step, state.train_loss = e["step"], e["loss"]
+        elif kind == "val":
+            state.val_loss = e["val_loss"]
+        elif kind == "best":
+            state.best_val_loss, state.best_step = e["val_loss"], e["step"]
+        elif kind in ("stopped", "error"):
+            state.message = e.get("message", e.get("reason", ""))
+    state.alive = pid_alive(read_pid(run_dir))
+    if state.status not in TERMINAL | {"new"} and not state.alive:
+        state.status = "interrupted"  # the process died without saying so (killed, crashed, machine slept)
+    return state
+
+
+def read_config(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def list_runs(runs_dir: Path) -> list[RunState]:
+    """All run folders under runs_dir, newest first."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    found = [run_state(p) for p in runs_dir.iterdir() if (p / "config.json").is_file()]
+    return sorted(found, key=lambda s: s.started or s.path.stat().st_mtime, reverse=True)
+
+
+def active_run(runs_dir: Path) -> RunState | None:
+    """The run that holds the machine now, if any (one GPU, one run)."""
+    return next((s for s in list_runs(runs_dir) if s.active), None)
+
+
+def new_run_dir(runs_dir: Path, name: str | None = None) -> Path:
+    """A fresh, empty run folder; never reuses an existing one."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    base = name or time.strftime("run-%Y%m%d-%H%M%S")
+    candidate, n = runs_dir / base, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = runs_dir / f"{base}-{n}"
+
+
+# ---- controlling a training process ---------------------------------------------------------------------
+
+def read_pid(run_dir: Path) -> int | None:
+    try:
+        return int((Path(run_dir) / "train.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for MLX processes: on Linux CPU, preload OpenBLAS (MLX's wheel links a slow reference BLAS)."""
+    env = dict(os.environ if base is None else base)
+    if platform.system() == "Linux" and OPENBLAS.exists() and "libopenblas" not in env.get("LD_PRELOAD", ""):
+        if env.get("LORA_APP_NO_OPENBLAS") != "1":
+            env["LD_PRELOAD"] = ":".join(filter(None, [str(OPENBLAS), env.get("LD_PRELOAD")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def train_command(run_dir: Path, resume: bool = False, extra: list[str] | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "lora_app", "train"]
+    cmd += ["--resume", str(run_dir)] if resume else ["--config", str(Path(run_dir) / "config.json"),
+                                                       "--out", str(run_dir)]
+    return cmd + list(extra or [])
+
+
+def start_training(run_dir: Path, resume: bool = False, extra: list[str] | None = None) -> subprocess.Popen:
+    """Start the training process for a run folder (never in the caller's process); output goes to train.log."""
+    run_dir = Path(run_dir)
+    clear_control(run_dir)
+    log = open(run_dir / "train.log", "ab")
+    project_root = Path(__file__).resolve().parent.parent
+    env = engine_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        train_command(run_dir, resume, extra), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=env, cwd=project_root, start_new_session=True,  # a Ctrl-C in the app's terminal does not hit it
+    )
+    log.close()
+    atomic_write_text(run_dir / "train.pid", str(proc.pid))
+    return proc
+
+
+def request(run_dir: Path, action: str) -> None:
+    """Ask the trainer to 'stop' (save and end) or 'pause' (save a checkpoint and end; resume continues)."""
+    if action not in ("stop", "pause"):
+        raise ValueError(f"unknown action {action!r}")
+    atomic_write_text(Path(run_dir) / "control", action)
+
+
+def read_control(run_dir: Path) -> str | None:
+    try:
+        return (Path(run_dir) / "control").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def clear_control(run_dir: Path) -> None:
+    (Path(run_dir) / "control").unlink(missing_ok=True)
+
+
+def kill(run_dir: Path, sig: int = signal.SIGTERM) -> None:
+    pid = read_pid(run_dir)
+    if pid_alive(pid):
+        os.kill(pid, sig)

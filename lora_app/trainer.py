@@ -1,0 +1,411 @@
+"""The training loop: one process per run, reporting through the run folder.
+
+Reuses mlx-lm's pieces (LoRALinear, average_gradients, grad_checkpoint, the compiled-step pattern) but owns
+the loop, so it can report every N steps without a host sync per step, stop or pause gracefully, resume
+exactly, keep the best adapter, probe samples, and end with a plain message on NaN or out-of-memory.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import runs
+from .adapters import adapter_config, save_adapter
+from .batching import Batch, BatchPlan, eval_batches
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .lora import adapter_tensors, apply_lora, trainable_parameter_count
+
+OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to end it with a given final status."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Progress:
+    """Everything besides weights and optimizer state that exact resume needs."""
+
+    step: int = 0
+    trained_tokens: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ---- the pieces of a step --------------------------------------------------------------------------------
+
+class SegmentMask:
+    """Stands in for a KV cache so an mlx-lm model attends with our mask (packed rows): offset 0, no caching."""
+
+    offset = 0
+
+    def __init__(self, mask: Any):
+        self.mask = mask
+
+    def make_mask(self, *args: Any, **kwargs: Any) -> Any:
+        return self.mask
+
+    def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
+        return keys, values
+
+
+def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None) -> tuple[Any, Any]:
+    """Mean cross-entropy over the tokens whose weight is 1, and their count."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if segments is None:
+        logits = model(inputs)
+    else:
+        n = segments.shape[1]
+        causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
+        mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+        logits = model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+    ce = nn.losses.cross_entropy(logits, targets) * weights
+    ntoks = weights.sum()
+    return ce.astype(mx.float32).sum() / mx.maximum(ntoks, 1), ntoks
+
+
+def batch_arrays(batch: Batch) -> tuple:
+    import mlx.core as mx
+
+    arrays = (mx.array(batch.tokens), mx.array(batch.weights))
+    return arrays + ((mx.array(batch.segments),) if batch.segments is not None else ())
+
+
+def build_optimizer(cfg: RunConfig, total_steps: int) -> Any:
+    import mlx.optimizers as optim
+
+    t = cfg.train
+    lr: Any = t.learning_rate
+    if t.lr_schedule == "cosine":
+        lr = optim.cosine_decay(t.learning_rate, max(total_steps - t.warmup, 1), 0.0)
+    if t.warmup:
+        ramp = optim.linear_schedule(t.learning_rate * 0.0, t.learning_rate, t.warmup)
+        lr = optim.join_schedules([ramp, lr if callable(lr) else (lambda _: t.learning_rate)], [t.warmup])
+    if t.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
+    return optim.Adam(learning_rate=lr)
+
+
+def evaluate(model: Any, batches: list[Batch]) -> float:
+    """Token-weighted mean loss over the batches (the same masked tokens as training), over all processes."""
+    import mlx.core as mx
+
+    total, count = mx.array(0.0), mx.array(0.0)
+    for batch in batches:
+        loss, ntoks = loss_fn(model, *batch_arrays(batch))
+        total, count = total + loss * ntoks, count + ntoks
+        mx.eval(total, count)
+    total = mx.distributed.all_sum(total, stream=mx.cpu)
+    count = mx.distributed.all_sum(count, stream=mx.cpu)
+    return (total / mx.maximum(count, 1)).item()
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run in one process (or one rank of a distributed run)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, resume: bool = False):
+        import mlx.core as mx
+
+        self.run_dir, self.cfg, self.resume = Path(run_dir), cfg, resume
+        self.world = mx.distributed.init()
+        self.rank, self.size = self.world.rank(), self.world.size()
+        self.signal_request: str | None = None
+        self.user_error = False
+        self.progress = Progress()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.rank == 0:
+            runs.append_event(self.run_dir, kind, **fields)
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    # -- set-up --
+    def setup(self) -> None:
+        import mlx.core as mx
+
+        from .data import load_data
+        from .models import blocks_of, load_model, resolve_model
+
+        cfg = self.cfg
+        if cfg.train.memory_limit_gb:
+            mx.set_memory_limit(int(cfg.train.memory_limit_gb * 1e9))
+        self.base_model = resolve_model(cfg.model.model)
+        self.model, self.tokenizer = load_model(self.base_model, cfg.model.dequantize)
+        self.data = load_data(cfg.data, self.tokenizer, batch_size=cfg.train.batch_size)
+        for note in self.data.notes:
+            self.event("info", message=note)
+        self.targets = apply_lora(self.model, cfg.lora, seed=cfg.train.seed)
+        self.num_blocks = len(blocks_of(self.model))
+        self.adapter_config = adapter_config(cfg.lora, self.targets, self.num_blocks, self.base_model)
+        t = cfg.train
+        self.plan = BatchPlan(self.data.train, t.batch_size, t.max_seq_length, t.batching, t.seed,
+                              self.rank, self.size)
+        if t.epochs > 0:
+            self.total_steps = max(1, math.ceil(t.epochs * self.plan.steps_per_epoch()))
+        else:
+            self.total_steps = t.iters
+        self.val = eval_batches(self.data.valid, t.batch_size, t.max_seq_length, t.val_batches,
+                                self.rank, self.size)
+        self.optimizer = build_optimizer(cfg, self.total_steps)
+        self.optimizer.init(self.model.trainable_parameters())
+        if self.resume:
+            self.restore()
+        if t.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(self.model.layers[0])
+        n = trainable_parameter_count(self.model)
+        self.event("info", message=f"trainable parameters: {n:,} ({len(self.targets.module_paths())} modules); "
+                                   f"{self.plan.steps_per_epoch()} steps per epoch; {self.total_steps} steps",
+                   trainable_params=n, steps_per_epoch=self.plan.steps_per_epoch(),
+                   data_format=self.data.format)
+
+    def restore(self) -> None:
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return  # nothing saved yet: start from the beginning
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        adapters, optimizer_state, state = load_checkpoint(checkpoint)
+        self.model.load_weights(list(adapters.items()), strict=False)
+        # Fill the freshly initialised state tree leaf by leaf, so its structure stays what compile captured.
+        flat = dict(tree_flatten(optimizer_state))
+        current = tree_flatten(self.optimizer.state)
+        self.optimizer.state = tree_unflatten([(k, flat.get(k, v)) for k, v in current])
+        self.progress = Progress(step=state["step"], trained_tokens=state.get("trained_tokens", 0),
+                                 best_val_loss=state.get("best_val_loss"), best_step=state.get("best_step"),
+                                 evals_since_best=state.get("evals_since_best", 0))
+        self.event("info", message=f"resumed from {checkpoint.name}", step=self.progress.step)
+
+    # -- the step --
+    def compiled_step(self) -> Any:
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+        from mlx.nn.utils import average_gradients
+
+        model, optimizer, clip = self.model, self.optimizer, self.cfg.train.grad_clip
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+        state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(*batch: Any) -> tuple[Any, Any]:
+            (loss, ntoks), grads = value_and_grad(model, *batch)
+            grads = average_gradients(grads)
+            if clip:
+                grads, _ = optim.clip_grad_norm(grads, clip)
+            optimizer.update(model, grads)
+            return loss, ntoks
+
+        return step, state
+
+    # -- the loop --
+    def run(self) -> str:
+        """Train to the end (or a stop) and return the final status."""
+        self.install_signal_handlers()
+        self.started = time.perf_counter()
+        self.event("status", status="starting", total_steps=self.cfg.train.iters)
+        try:
+            self.setup()
+            self.event("status", status="running", total_steps=self.total_steps, step=self.progress.step)
+            if self.progress.step == 0 and self.cfg.train.probe_prompts:
+                self.probe(0)
+            self.loop()
+            status, message = "done", "training finished"
+        except StopTraining as stop:
+            status, message = stop.status, stop.message
+        except Exception as e:  # noqa: BLE001 - every failure ends as one plain event, not a traceback
+            from .user_errors import USER_ERRORS
+
+            status, message = "error", describe_failure(e)
+            self.user_error = isinstance(e, USER_ERRORS)
+            if not self.user_error:
+                traceback.print_exc()  # into train.log, for whoever debugs it
+            self.event("error", message=message, step=self.progress.step)
+        if status in ("stopped", "paused"):
+            self.event("stopped", reason=message, step=self.progress.step)
+        self.event("status", status=status, message=message, step=self.progress.step)
+        self.log(f"{status}: {message}")
+        return status
+
+    def loop(self) -> None:
+        import mlx.core as mx
+
+        t, p = self.cfg.train, self.progress
+        step_fn, state = self.compiled_step()
+        self.model.train()
+        losses: list[tuple[int, Any]] = []  # (step, loss) since the last report, read back only then
+        tok_sum, window_tokens, window_start, excluded = mx.array(0.0), 0, time.perf_counter(), 0.0
+        first_step = True
+        while p.step < self.total_steps:
+            step = p.step + 1
+            if self.cfg.lora.dropout > 0:
+                mx.random.seed(t.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
+            loss, ntoks = step_fn(*batch_arrays(self.plan.batch_at(p.step)))
+            losses.append((step, loss))
+            tok_sum = tok_sum + ntoks
+            # No host sync per step: the next batch is built while this one runs.
+            mx.async_eval(state, loss, tok_sum)
+            p.step = step
+            if first_step:  # the first step includes loading and compiling: time it apart, count it apart
+                mx.eval(state, tok_sum)
+                self.event("first_step", step=step, seconds=time.perf_counter() - self.started)
+                first_step = False
+                window_start = time.perf_counter()
+                p.trained_tokens += int(tok_sum.item())
+                tok_sum = mx.array(0.0)
+            last = step == self.total_steps
+            report = step % t.steps_per_report == 0 or last
+            save = step % t.save_every == 0 or last
+            evaluate_now = bool(self.val) and t.steps_per_eval > 0 and (step % t.steps_per_eval == 0 or last)
+            control = self.control_request()
+            if not (report or save or evaluate_now or control):
+                continue
+            mx.eval(state, tok_sum)
+            self.check_finite(losses)
+            new_tokens = int(tok_sum.item())
+            p.trained_tokens += new_tokens
+            window_tokens += new_tokens
+            tok_sum = mx.array(0.0)
+            if (report or control) and losses:
+                self.report_train(losses, window_tokens, time.perf_counter() - window_start - excluded)
+                losses, window_tokens, excluded = [], 0, 0.0
+            aside = time.perf_counter()  # evaluation and saving do not count as training time
+            if evaluate_now:
+                self.validate(step)
+            if save or control:
+                self.save(step)
+            if control:
+                raise StopTraining(*control)
+            if report:
+                window_start = time.perf_counter()
+            else:
+                excluded += time.perf_counter() - aside
+
+    def check_finite(self, losses: list[tuple[int, Any]]) -> None:
+        for step, loss in losses:
+            value = loss.item()
+            if not math.isfinite(value):
+                last = latest_checkpoint(self.run_dir)
+                kept = f"the last good checkpoint is {last.name}" if last else "no checkpoint had been saved yet"
+                raise_error = (f"loss became {value} at step {step}; {kept}. "
+                               f"Lower the learning rate (now {self.cfg.train.learning_rate:g}) or enable "
+                               "gradient clipping, then resume or start again.")
+                self.event("error", message=raise_error, step=step)
+                raise StopTraining("error", raise_error)
+
+    def report_train(self, losses: list[tuple[int, Any]], tokens: int, elapsed: float) -> None:
+        import mlx.core as mx
+
+        loss = sum(v.item() for _, v in losses) / max(len(losses), 1)
+        loss = mx.distributed.all_sum(mx.array(loss), stream=mx.cpu).item() / self.size
+        tokens = int(mx.distributed.all_sum(mx.array(tokens), stream=mx.cpu).item())
+        self.event("train", step=self.progress.step, loss=loss,
+                   learning_rate=float(self.optimizer.learning_rate.item()),
+                   tokens_per_second=tokens / max(elapsed, 1e-9), trained_tokens=self.progress.trained_tokens,
+                   peak_memory_gb=mx.get_peak_memory() / 1e9)
+        self.log(f"step {self.progress.step}/{self.total_steps} loss {loss:.4f} "
+                 f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
+
+    def validate(self, step: int) -> None:
+        self.model.eval()
+        val_loss = evaluate(self.model, self.val)
+        self.model.train()
+        self.event("val", step=step, val_loss=val_loss)
+        self.log(f"step {step} validation loss {val_loss:.4f}")
+        p, t = self.progress, self.cfg.train
+        if p.best_val_loss is None or val_loss < p.best_val_loss - t.early_stop_min_delta:
+            p.best_val_loss, p.best_step, p.evals_since_best = val_loss, step, 0
+            if self.rank == 0:
+                save_adapter(self.model, self.run_dir / "best", {**self.adapter_config, "step": step,
+                                                                  "val_loss": val_loss})
+            self.event("best", step=step, val_loss=val_loss)
+        else:
+            p.evals_since_best += 1
+        if t.probe_prompts:
+            self.probe(step)
+        if t.early_stop_patience and p.evals_since_best >= t.early_stop_patience:
+            self.save(step)
+            raise StopTraining("stopped", f"early stopping: no validation improvement of at least "
+                                          f"{t.early_stop_min_delta:g} in {p.evals_since_best} evaluations "
+                                          f"(best {p.best_val_loss:.4f} at step {p.best_step})")
+
+    def probe(self, step: int) -> None:
+        from .generate import greedy_answer
+
+        self.model.eval()
+        for prompt in self.cfg.train.probe_prompts[:5]:
+            answer = greedy_answer(self.model, self.tokenizer, prompt, self.cfg.train.probe_max_tokens)
+            self.event("sample", step=step, prompt=prompt, answer=answer)
+        self.model.train()
+
+    def save(self, step: int) -> None:
+        if self.rank != 0:
+            return
+        weights = adapter_tensors(self.model)
+        save_adapter(self.model, self.run_dir / "adapters", {**self.adapter_config, "step": step}, weights)
+        p = self.progress
+        path = save_checkpoint(self.run_dir, step, weights, self.optimizer.state, {
+            "trained_tokens": p.trained_tokens, "best_val_loss": p.best_val_loss, "best_step": p.best_step,
+            "evals_since_best": p.evals_since_best, "total_steps": self.total_steps,
+        }, self.cfg.train.keep_checkpoints)
+        self.event("checkpoint", step=step, path=str(path.relative_to(self.run_dir)))
+
+    # -- stop / pause --
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            self.signal_request = "stop"
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def control_request(self) -> tuple[str, str] | None:
+        """('stopped' | 'paused', message) when a stop or pause was asked for; agreed on by all processes."""
+        import mlx.core as mx
+
+        wish = self.signal_request or (runs.read_control(self.run_dir) if self.rank == 0 else None)
+        flags = [wish == "stop", wish == "pause"]
+        if self.size > 1:  # every rank must leave the loop at the same step
+            flags = mx.distributed.all_sum(mx.array(flags, dtype=mx.int32), stream=mx.cpu).tolist()
+        code = 1 if flags[0] else 2 if flags[1] else 0
+        if code == 1:
+            return "stopped", "stopped by request; the adapter is saved"
+        if code == 2:
+            return "paused", "paused; resume continues from this step"
+        return None
+
+
+def describe_failure(e: Exception) -> str:
+    from .user_errors import USER_ERRORS
+
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    text = f"{type(e).__name__}: {e}"
+    if "memory" in str(e).lower() and ("out of" in str(e).lower() or "allocat" in str(e).lower()):
+        return f"out of memory ({e}). {OOM_ADVICE}"
+    return text
+
+
+def train(run_dir: Path, cfg: RunConfig, resume: bool = False) -> str:
+    return Trainer(run_dir, cfg, resume).run()

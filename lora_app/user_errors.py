@@ -1,0 +1,9 @@
+"""The exceptions that mean "bad input": shown to the user as one plain line, never as a traceback."""
+
+from .adapters import AdapterError
+from .config import ConfigError
+from .data import DataError
+from .lora import LoraError
+from .models import ModelError
+
+USER_ERRORS: tuple[type[Exception], ...] = (AdapterError, ConfigError, DataError, LoraError, ModelError)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny offline models and datasets (see tests/tiny.py), built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qmodel(tmp_path_factory) -> Path:
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-qmodel"), hidden=64, quantize=True)
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    return tiny.build_text_data(tmp_path_factory.mktemp("text-data"))
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    return tiny.build_chat_data(tmp_path_factory.mktemp("chat-data"))
+
+
+@pytest.fixture(scope="session")
+def engine_env() -> dict[str, str]:
+    """Environment for subprocesses that run our CLI or mlx-lm's (OpenBLAS preloaded where present)."""
+    from lora_app.runs import engine_env as env
+
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
+    return e
