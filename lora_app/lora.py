@@ -46,6 +46,8 @@ def parse_layers(spec: str, num_blocks: int) -> list[int]:
                 raise LoraError(f"layers={spec}: the range is empty (start after end)")
         else:
             blocks = sorted({int(x) for x in spec.split(",")})
+    except LoraError:
+        raise
     except ValueError:
         raise LoraError(f"layers={spec!r}: expected all, last:N, A-B or a list like 0,2,5") from None
     bad = [b for b in blocks if not 0 <= b < num_blocks]

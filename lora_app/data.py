@@ -1,0 +1,686 @@
+"""Datasets: read rows from files or Hugging Face, detect their format, tokenize them with a loss mask.
+
+Every example becomes `(tokens, weights)`: token ids and one 0/1 weight per token, where weight[i] = 1 means
+"token i is a training target" (the loss of predicting it from tokens[:i] counts). weights[0] is always 0.
+
+Sources: a folder with train/valid/test files, one file (split into train/valid), a saved or hub dataset.
+Formats: text, completions (prompt/completion), chat (messages), instruction (instruction/input/output);
+`columns` maps other column names onto these fields. Every problem names the file and line/row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import re
+import statistics as stats
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DEMO, DataConfig
+
+Example = tuple[list[int], list[int]]
+SPLITS = ("train", "valid", "test")
+SPLIT_FILES = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
+HF_VALID_SPLITS = ("validation", "valid", "val", "dev")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+FORMATS = ("text", "completions", "chat", "instruction")
+REQUIRED = {"text": ("text",), "completions": ("prompt", "completion"), "chat": ("messages",),
+            "instruction": ("instruction", "output")}
+FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output", "system")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function": "tool", "observation": "tool"}
+MAX_PROBLEMS = 20
+DEMO_DATA = Path(__file__).parent.parent / "assets" / "demo_data"
+SKIP_HINT = "Fix these rows, or skip them with --skip-bad-rows (the 'Skip bad rows' box in the app)."
+
+
+class DataError(ValueError):
+    """Problems found in a dataset; `problems` lists the first 20 (file, line/row, what is wrong)."""
+
+    def __init__(self, problems: list[str], hint: str = ""):
+        self.problems = problems[:MAX_PROBLEMS]
+        self.total = len(problems)
+        lines = list(self.problems)
+        if self.total > MAX_PROBLEMS:
+            lines.append(f"... and {self.total - MAX_PROBLEMS} more problems")
+        super().__init__("\n".join(lines + ([hint] if hint else [])))
+
+
+@dataclass
+class LoadedData:
+    train: list[Example]
+    valid: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+    format: str = ""
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    """One raw row; `problem` is set when it could not even be read (bad JSON, not UTF-8)."""
+
+    source: str
+    number: int
+    data: Any = None
+    problem: str = ""
+    unit: str = "line"
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: {self.unit} {self.number}"
+
+
+@dataclass
+class Source:
+    rows: dict[str, list[Row]]
+    names: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+    def by_file(self) -> dict[str, list[Row]]:
+        """Rows grouped by the file (or dataset split) they came from, in file order: a held-out
+        validation split comes from the same file as train."""
+        files: dict[str, list[Row]] = {}
+        for rows in self.rows.values():
+            for row in rows:
+                files.setdefault(row.source, []).append(row)
+        return {name: sorted(rows, key=lambda r: r.number) for name, rows in files.items()}
+
+    def order(self, item: tuple[Row, str]) -> tuple[int, int]:
+        """Sort key that reports problems file by file, in line order."""
+        names = list(dict.fromkeys(self.names.values()))
+        row = item[0]
+        return (names.index(row.source) if row.source in names else len(names), row.number)
+
+
+@dataclass
+class PreviewRow:
+    """One row as the trainer sees it: each kept token's text and whether it is trained."""
+
+    where: str
+    segments: list[tuple[str, bool]]
+    tokens: int = 0
+    trained: int = 0
+    cut: int = 0  # tokens past max_seq_length, dropped by truncation
+    problem: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_data(cfg: DataConfig, tokenizer: Any, *, batch_size: int = 1) -> LoadedData:
+    """Read, check and tokenize every split; raise DataError (all problems, up to 20) instead of half a dataset."""
+    source = read_source(cfg)
+    fmt, note = choose_format(cfg, source)
+    loaded = LoadedData(train=[], format=fmt, notes=source.notes + [note])
+    loaded.notes += template_notes(fmt, tokenizer)
+    bad_rows = []
+    for split, rows in source.rows.items():
+        examples, bad = tokenize_rows(rows, fmt, cfg, tokenizer)
+        setattr(loaded, split, examples)
+        bad_rows += bad
+    problems = [f"{row.where}: {problem}" for row, problem in sorted(bad_rows, key=source.order)]
+    if problems and not cfg.skip_bad_rows:
+        raise DataError(problems, hint=SKIP_HINT)
+    if problems:
+        loaded.skipped = len(problems)
+        loaded.notes.append(f"skipped {len(problems)} bad row(s); the first: {problems[0]}")
+    check_sizes(loaded, source, batch_size)
+    return loaded
+
+
+def tokenize_rows(rows: list[Row], fmt: str, cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list]:
+    """The examples of the good rows, and (row, problem) for the others."""
+    examples, problems = [], []
+    for row in rows:
+        example, problem = row_example(row, fmt, cfg, tokenizer)
+        if problem:
+            problems.append((row, problem))
+        else:
+            examples.append(example)
+    return examples, problems
+
+
+def row_example(row: Row, fmt: str, cfg: DataConfig, tokenizer: Any) -> tuple[Example | None, str]:
+    """The row's example, or the reason it cannot be used."""
+    if row.problem:
+        return None, row.problem
+    data = map_columns(row.data, cfg.columns)
+    problem = row_problem(data, fmt, cfg.columns, cfg.mask_prompt)
+    if problem:
+        return None, problem
+    try:
+        return tokenize_row(data, fmt, tokenizer, cfg.mask_prompt), ""
+    except Exception as e:  # noqa: BLE001 - a template that rejects a row (raise_exception) is a row problem
+        return None, f"the chat template rejected this row: {type(e).__name__}: {e}"
+
+
+def check_sizes(loaded: LoadedData, source: Source, batch_size: int) -> None:
+    n = len(loaded.train)
+    if n < batch_size:
+        raise DataError([(f"{source.names['train']}: {n} usable training row(s), fewer than the batch size "
+                         f"{batch_size}; add rows or lower the batch size")])
+    if source.rows.get("valid") and not loaded.valid:
+        loaded.notes.append("every validation row was skipped: no validation set")
+    elif 0 < len(loaded.valid) < batch_size:
+        loaded.notes.append(f"the validation set has {len(loaded.valid)} row(s), fewer than the batch size")
+
+
+def template_notes(fmt: str, tokenizer: Any) -> list[str]:
+    if fmt == "chat" and not has_chat_template(tokenizer):
+        raise DataError([("the tokenizer has no chat template, which chat (messages) data needs; "
+                         "use a chat model or text/completions data")])
+    if fmt in ("completions", "instruction") and not has_chat_template(tokenizer):
+        return ["the tokenizer has no chat template: prompt and completion are joined as plain text"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def read_source(cfg: DataConfig) -> Source:
+    """Rows of each split from a folder, a single file, a saved dataset or a Hugging Face dataset name."""
+    if not cfg.data.strip():
+        raise DataError(["data: no dataset chosen (a folder, a file, a Hugging Face dataset or 'demo')"])
+    path = DEMO_DATA if cfg.data == DEMO else Path(cfg.data).expanduser()
+    if path.is_dir():
+        files = split_files(path)
+        if files:
+            return folder_source(cfg, files)
+        return hf_source(cfg, str(path))
+    if path.is_file():
+        return single_file_source(cfg, path)
+    if cfg.data == DEMO or looks_like_path(cfg.data):
+        raise DataError([f"{path}: no such file or folder"])
+    return hf_source(cfg, cfg.data)
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(EXTENSIONS)
+
+
+def split_files(folder: Path) -> dict[str, Path]:
+    """train/valid/test files in a folder (one per split; two candidates for a split is an error)."""
+    found = {}
+    for split, stems in SPLIT_FILES.items():
+        matches = [folder / f"{s}{e}" for s in stems for e in EXTENSIONS if (folder / f"{s}{e}").is_file()]
+        if len(matches) > 1:
+            raise DataError([f"{folder}: several {split} files ({', '.join(p.name for p in matches)}); keep one"])
+        if matches:
+            found[split] = matches[0]
+    if found and "train" not in found:
+        raise DataError([f"{folder}: no train file (train.jsonl, .json, .csv or .parquet)"])
+    return found
+
+
+def folder_source(cfg: DataConfig, files: dict[str, Path]) -> Source:
+    rows, names = {}, {}
+    problems = []
+    for split, path in files.items():
+        try:
+            rows[split] = read_rows(path)
+        except DataError as e:
+            problems += e.problems
+        names[split] = str(path)
+    if problems:
+        raise DataError(problems)
+    notes = [f"data: {', '.join(f'{s} {p.name}' for s, p in files.items())} in {files['train'].parent}"]
+    if "valid" not in rows:
+        notes.append(hold_out(cfg, rows, names))
+    return Source(rows, names, notes)
+
+
+def single_file_source(cfg: DataConfig, path: Path) -> Source:
+    rows = {"train": read_rows(path)}
+    names = {"train": str(path)}
+    return Source(rows, names, [f"data: {path}", hold_out(cfg, rows, names)])
+
+
+def hold_out(cfg: DataConfig, rows: dict[str, list[Row]], names: dict[str, str]) -> str:
+    """Move a seeded random valid_fraction of the train rows into a validation split; return a note."""
+    rows["train"], rows["valid"] = split_rows(rows["train"], cfg.valid_fraction, cfg.split_seed)
+    names["valid"] = names["train"]
+    return (f"no validation split: held out {len(rows['valid'])} of {len(rows['train']) + len(rows['valid'])} "
+            f"rows ({cfg.valid_fraction:.0%}, seed {cfg.split_seed})")
+
+
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out round(fraction * n) rows (at least 1, and never all); the same seed gives the same split."""
+    n = len(rows)
+    n_valid = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_valid])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def hf_source(cfg: DataConfig, name: str) -> Source:
+    """A Hugging Face dataset: a folder saved with save_to_disk, a local dataset folder, or a hub name
+    (`owner/name` or `owner/name:config`)."""
+    import datasets
+
+    try:
+        if (Path(name) / "dataset_dict.json").is_file() or (Path(name) / "state.json").is_file():
+            loaded = datasets.load_from_disk(name)
+        elif Path(name).is_dir():
+            loaded = datasets.load_dataset(name)
+        else:
+            repo, _, config = name.partition(":")
+            loaded = datasets.load_dataset(repo, config or None)
+    except Exception as e:  # noqa: BLE001 - network, missing dataset, bad files: one clear line
+        what = ("no train/valid/test files (.jsonl, .json, .csv, .parquet) in this folder" if Path(name).is_dir()
+                else "not a data file or folder")
+        raise DataError([f"{name}: {what}, and the datasets library could not load it: {type(e).__name__}: {e}"]
+                        ) from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return hf_splits(cfg, name, loaded)
+
+
+def hf_splits(cfg: DataConfig, name: str, loaded: Any) -> Source:
+    available = list(loaded.keys())
+    split, lo, hi = parse_split(cfg.hf_split or ("train" if "train" in available else available[0]))
+    if split not in available:
+        raise DataError([f"{name}: no split {split!r} (splits: {', '.join(available)})"])
+    train = loaded[split]
+    if lo is not None or hi is not None:
+        train = train.select(range(*slice(lo, hi).indices(len(train))))
+    chosen = {"train": (split, train.to_list())}
+    valid = next((s for s in HF_VALID_SPLITS if s in available and s != split), None)
+    if valid:
+        chosen["valid"] = (valid, loaded[valid].to_list())
+    if "test" in available and split != "test":
+        chosen["test"] = ("test", loaded["test"].to_list())
+    rows = {k: [Row(f"{name} [{s}]", i, r, unit="row") for i, r in enumerate(data, 1)] for k, (s, data) in
+            chosen.items()}
+    names = {k: f"{name} [{s}]" for k, (s, _) in chosen.items()}
+    notes = [f"data: Hugging Face dataset {name}, splits {', '.join(f'{k}={s}' for k, (s, _) in chosen.items())}"]
+    if "valid" not in rows:
+        notes.append(hold_out(cfg, rows, names))
+    return Source(rows, names, notes)
+
+
+def parse_split(spec: str) -> tuple[str, int | None, int | None]:
+    """'train', 'train[:1000]' or 'train[100:200]' -> (name, start, stop)."""
+    m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\])?\s*", spec)
+    if not m:
+        raise DataError([f"hf_split: expected a split name like train or train[:1000], got {spec!r}"])
+    return m[1], int(m[2]) if m[2] else None, int(m[3]) if m[3] else None
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def read_rows(path: Path) -> list[Row]:
+    """The rows of one .jsonl/.json/.csv/.parquet file; file-level problems raise DataError."""
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError([f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet"])
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError([f"{path}: the file is empty"])
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = read_parquet(path)
+    elif suffix == ".jsonl":
+        rows = read_jsonl(path, raw)
+    elif suffix == ".json":
+        rows = read_json(path, raw)
+    else:
+        rows = read_csv(path, decode(path, raw))
+    if not rows:
+        raise DataError([f"{path}: the file has no rows"])
+    return rows
+
+
+def read_jsonl(path: Path, raw: bytes) -> list[Row]:
+    rows = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        row = Row(str(path), number)
+        try:
+            row.data = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError as e:
+            row.problem = not_utf8(e)
+        except json.JSONDecodeError as e:
+            row.problem = f"not valid JSON ({e.msg} at column {e.colno})"
+        rows.append(row)
+    return rows
+
+
+def read_json(path: Path, raw: bytes) -> list[Row]:
+    text = decode(path, raw)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if len(text.strip().splitlines()) > 1 and text.lstrip().startswith("{"):
+            return read_jsonl(path, raw)  # JSON Lines saved as .json, which the datasets library accepts too
+        raise DataError([f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"]) from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]}
+    if not isinstance(data, list):
+        raise DataError([f"{path}: expected a list of objects, got a JSON {type(data).__name__}"])
+    return [Row(str(path), i, item, unit="row") for i, item in enumerate(data, 1)]
+
+
+def read_csv(path: Path, text: str) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    rows, line = [], reader.line_num
+    for record in reader:
+        row = Row(str(path), line + 1, record)
+        if None in record:
+            row.problem = f"{len(header) + len(record[None])} fields, but the header has {len(header)}"
+        rows.append(row)
+        line = reader.line_num
+    return rows
+
+
+def read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - any arrow error means the file cannot be used
+        raise DataError([f"{path}: not a readable parquet file ({e})"]) from None
+    return [Row(str(path), i, r, unit="row") for i, r in enumerate(table.to_pylist(), 1)]
+
+
+def decode(path: Path, raw: bytes) -> str:
+    """UTF-8 text, or a DataError naming every line that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    problems = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}: line {number}: {not_utf8(e)}")
+    raise DataError(problems)
+
+
+def not_utf8(e: UnicodeDecodeError) -> str:
+    return (f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); "
+            "save the file as UTF-8")
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def choose_format(cfg: DataConfig, source: Source) -> tuple[str, str]:
+    """The format (set, or detected from the first train row) and a note saying which and why."""
+    unknown = sorted(set(cfg.columns) - set(FIELDS))
+    if unknown:
+        raise DataError([f"columns: unknown field(s) {', '.join(unknown)}; map onto {', '.join(FIELDS)}"])
+    if cfg.data_format != "auto":
+        if cfg.data_format not in FORMATS:
+            raise DataError([f"data_format: expected auto or one of {', '.join(FORMATS)}, got {cfg.data_format!r}"])
+        check_columns(source, cfg.data_format, cfg.columns)
+        return cfg.data_format, f"format: {cfg.data_format} (set by data_format)"
+    train_file = source.by_file()[source.names["train"]]
+    first = next((r for r in train_file if isinstance(r.data, dict)), None)
+    if first is None:
+        raise DataError([f"{source.names['train']}: no readable row to detect the format from"] +
+                        [f"{r.where}: {r.problem or 'not an object with fields'}" for r in train_file])
+    # mapped columns count even when the first row lacks them: check_columns then names what is missing
+    fmt = detect_format({**map_columns(first.data, cfg.columns), **dict.fromkeys(cfg.columns)})
+    if not fmt:
+        raise DataError([(f"{first.where}: cannot tell the format from the fields {', '.join(map(str, first.data))}; "
+                         "expected text, prompt+completion, messages, or instruction+output; map yours with "
+                         "columns, e.g. --columns prompt=question,completion=answer")])
+    check_columns(source, fmt, cfg.columns)
+    return fmt, f"detected format: {fmt} (from the fields of {first.where})"
+
+
+def detect_format(row: dict) -> str:
+    """The format a row's fields suggest; '' when none fits."""
+    if "messages" in row or "conversations" in row:
+        return "chat"
+    if "prompt" in row and "completion" in row:
+        return "completions"
+    if "instruction" in row and "output" in row:
+        return "instruction"
+    if "text" in row:
+        return "text"
+    return ""
+
+
+def check_columns(source: Source, fmt: str, columns: dict[str, str]) -> None:
+    """A field missing from every row of a split is one problem about the split, not one per row."""
+    problems = []
+    for file, rows in source.by_file().items():
+        readable = [map_columns(r.data, columns) for r in rows if isinstance(r.data, dict)]
+        for name in REQUIRED[fmt]:
+            if readable and not any(name in d for d in readable):
+                seen = sorted({str(k) for r in rows if isinstance(r.data, dict) for k in r.data})
+                problems.append(f"{file}: no row has {column_label(name, columns)}, which the {fmt} "
+                                f"format needs (fields found: {', '.join(seen)})")
+    if problems:
+        raise DataError(problems)
+
+
+def map_columns(row: Any, columns: dict[str, str]) -> Any:
+    """Rename mapped columns onto our field names; ShareGPT `conversations` become `messages`."""
+    if not isinstance(row, dict):
+        return row
+    row = {**row, **{f: row[c] for f, c in columns.items() if c in row}}
+    if "messages" not in row and isinstance(row.get("conversations"), list):
+        row["messages"] = [from_sharegpt(m) for m in row["conversations"]]
+    return row
+
+
+def from_sharegpt(message: Any) -> Any:
+    if not isinstance(message, dict) or "from" not in message:
+        return message
+    role = SHAREGPT_ROLES.get(message["from"], message["from"])
+    return {"role": role, "content": message.get("value")}
+
+
+def column_label(name: str, columns: dict[str, str]) -> str:
+    return f"'{columns[name]}' (mapped to {name})" if name in columns else f"'{name}'"
+
+
+def row_problem(row: Any, fmt: str, columns: dict[str, str], mask_prompt: bool) -> str:
+    """What makes a row unusable for its format ('' when nothing)."""
+    if not isinstance(row, dict):
+        return f"expected an object with fields, got {type(row).__name__}"
+    if fmt == "chat":
+        if row.get("messages") is None:
+            return f"missing {column_label('messages', columns)}"
+        return messages_problem(row["messages"], mask_prompt)
+    for name in REQUIRED[fmt]:
+        if row.get(name) is None:
+            return f"missing {column_label(name, columns)}"
+    for name in ("text", "prompt", "completion", "instruction", "input", "output", "system"):
+        value = row.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"{column_label(name, columns)} should be a string, got {type(value).__name__}"
+        if name in REQUIRED[fmt] and not value.strip():
+            return f"{column_label(name, columns)} is an empty string"
+    return ""
+
+
+def messages_problem(messages: Any, mask_prompt: bool) -> str:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' should be a non-empty list of {role, content} objects"
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            return f"message {i} is not an object with role and content"
+        role = m.get("role")
+        if role not in ROLES:
+            return f"message {i} has role {role!r}, which the chat template does not accept ({', '.join(ROLES)})"
+        content = m.get("content")
+        if content is None and m.get("tool_calls"):
+            continue
+        if not isinstance(content, str):
+            return f"message {i} ({role}) has no text 'content'"
+        if not content.strip():
+            return f"message {i} ({role}) has an empty string as content"
+    if mask_prompt and not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message, so nothing would be trained with mask_prompt"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_row(row: dict, fmt: str, tokenizer: Any, mask_prompt: bool) -> Example:
+    """Tokenize a checked row of the given format (after column mapping)."""
+    if fmt == "text":
+        tokens = list(tokenizer.encode(row["text"]))
+        if tokens[-1] != tokenizer.eos_token_id:
+            tokens.append(tokenizer.eos_token_id)
+        return tokens, [0] + [1] * (len(tokens) - 1)
+    if fmt == "chat":
+        return tokenize_chat(row["messages"], tokenizer, mask_prompt, tools=row.get("tools"))
+    prompt, completion = prompt_completion(row, fmt)
+    if not has_chat_template(tokenizer):
+        return tokenize_plain(prompt, completion, tokenizer, mask_prompt)
+    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    messages = system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return tokenize_chat(messages, tokenizer, mask_prompt)
+
+
+def prompt_completion(row: dict, fmt: str) -> tuple[str, str]:
+    if fmt == "completions":
+        return row["prompt"], row["completion"]
+    extra = row.get("input") or ""
+    return row["instruction"] + (f"\n\n{extra}" if extra.strip() else ""), row["output"]
+
+
+def tokenize_plain(prompt: str, completion: str, tokenizer: Any, mask_prompt: bool) -> Example:
+    """For tokenizers without a chat template: prompt then completion then EOS."""
+    head = list(tokenizer.encode(prompt))
+    tail = list(tokenizer.encode(completion, add_special_tokens=False)) + [tokenizer.eos_token_id]
+    tokens = head + tail
+    if not mask_prompt:
+        return tokens, [0] + [1] * (len(tokens) - 1)
+    return tokens, [0] * len(head) + [1] * len(tail)
+
+
+def tokenize_chat(messages: list[dict], tokenizer: Any, mask_prompt: bool, tools: Any = None) -> Example:
+    """Chat through the model's template; with mask_prompt, every assistant turn is trained, nothing else."""
+    tokens = chat_ids(tokenizer, messages, tools=tools)
+    if not mask_prompt:
+        return tokens, [0] + [1] * (len(tokens) - 1)
+    weights = [0] * len(tokens)
+    for k, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        # the turn spans from the end of "prefix + generation prompt" to the end of "prefix + this turn";
+        # common prefixes keep this right for templates that render earlier turns differently
+        start = common_prefix(tokens, chat_ids(tokenizer, messages[:k], True, tools)) if k else 0
+        end = common_prefix(tokens, chat_ids(tokenizer, messages[: k + 1], tools=tools))
+        weights[start:end] = [1] * (end - start)
+    weights[0] = 0
+    return tokens, weights
+
+
+def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, tools: Any = None) -> list[int]:
+    """Token ids from apply_chat_template; transformers 5 may return a BatchEncoding/dict even so."""
+    kwargs = {"tools": tools} if tools else {}
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False, **kwargs)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    out = list(out)
+    if out and isinstance(out[0], list):  # a batch of one
+        out = out[0]
+    return [int(t) for t in out]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Works for mlx-lm's TokenizerWrapper (has_chat_template) and plain transformers tokenizers (chat_template)."""
+    return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
+
+
+# ---------------------------------------------------------------------------------------------- preview, statistics
+
+
+def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: int = 2048) -> list[PreviewRow]:
+    """The first training rows as tokens marked trained/masked; a bad row carries its problem instead."""
+    source = read_source(cfg)
+    fmt, _ = choose_format(cfg, source)
+    template_notes(fmt, tokenizer)
+    out = []
+    for row in source.rows["train"][:n_rows]:
+        example, problem = row_example(row, fmt, cfg, tokenizer)
+        if example is None:
+            out.append(PreviewRow(row.where, [], problem=problem))
+            continue
+        tokens, weights = example
+        kept = tokens[:max_seq_length]
+        segments = list(zip(token_texts(tokenizer, kept), [bool(w) for w in weights[:max_seq_length]]))
+        out.append(PreviewRow(row.where, segments, len(tokens), sum(weights[:max_seq_length]),
+                              max(0, len(tokens) - max_seq_length)))
+    return out
+
+
+def token_texts(tokenizer: Any, tokens: list[int], context: int = 8) -> list[str]:
+    """The text each token adds, decoded with a few tokens of context so spaces and multi-byte characters
+    come out right; a character split over several tokens is shown on its last one."""
+    texts = []
+    for i in range(len(tokens)):
+        window = tokens[max(0, i - context): i]
+        before = tokenizer.decode(window, skip_special_tokens=False) if window else ""
+        now = tokenizer.decode(window + [tokens[i]], skip_special_tokens=False)
+        piece = now[len(os.path.commonprefix([before, now])):]
+        texts.append(piece.rstrip("\ufffd"))  # an unfinished character shows up on the token that ends it
+    return texts
+
+
+def statistics(loaded: LoadedData, max_seq_length: int) -> dict[str, Any]:
+    """Rows per split and, for the training split, tokens per row, trained tokens and truncation."""
+    lengths = [len(tokens) for tokens, _ in loaded.train]
+    cuts = [n - max_seq_length for n in lengths if n > max_seq_length]
+    return {
+        "format": loaded.format,
+        "rows": {split: len(getattr(loaded, split)) for split in SPLITS},
+        "skipped": loaded.skipped,
+        "tokens_min": min(lengths, default=0),
+        "tokens_median": stats.median(lengths) if lengths else 0,
+        "tokens_max": max(lengths, default=0),
+        "tokens": sum(lengths),
+        "trained_tokens": sum(sum(w[:max_seq_length]) for _, w in loaded.train),
+        "max_seq_length": max_seq_length,
+        "long_rows": len(cuts),
+        "tokens_cut": sum(cuts),
+        "longest_cut": max(cuts, default=0),
+        "tokens_per_epoch": sum(min(n, max_seq_length) for n in lengths),
+    }
+
+
+def format_statistics(s: dict[str, Any]) -> str:
+    """The statistics as a small markdown table for the Data step."""
+    rows = s["rows"]
+    share = s["trained_tokens"] / s["tokens_per_epoch"] if s["tokens_per_epoch"] else 0
+    long = (f"{s['long_rows']:,} row(s), truncated by {s['tokens_cut']:,} tokens in all "
+            f"(at most {s['longest_cut']:,} in one row)") if s["long_rows"] else "none"
+    lines = [
+        "| | |", "|---|---|",
+        f"| Format | {s['format']} |",
+        f"| Rows | {rows['train']:,} train · {rows['valid']:,} valid · {rows['test']:,} test |",
+        (f"| Tokens per row (train) | {s['tokens_min']:,} min · {s['tokens_median']:,g} median · "
+        f"{s['tokens_max']:,} max |"),
+        f"| Trained tokens | {s['trained_tokens']:,} ({share:.0%} of the tokens) |",
+        f"| Longer than {s['max_seq_length']:,} tokens | {long} |",
+        f"| Tokens per epoch | about {s['tokens_per_epoch']:,} |",
+    ]
+    if s["skipped"]:
+        lines.append(f"| Skipped bad rows | {s['skipped']:,} |")
+    return "\n".join(lines)
