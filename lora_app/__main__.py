@@ -16,6 +16,7 @@ from . import runs
 from .config import SECTIONS, ConfigError, RunConfig, field_help, load_config_file
 
 USAGE_ERROR = 2
+PREPARED_FILES = {"config.json", "train.log", "train.pid", "control"}
 
 
 class UserError(Exception):
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="Continue a run from its newest checkpoint.")
     train.add_argument("--nproc", type=int, default=0, help="Data-parallel processes on this machine.")
     train.add_argument("--hosts", help="mlx.launch hostfile (JSON) for data-parallel training over machines.")
+    train.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # a rank started by mlx.launch
     add_config_flags(train)
 
     gen = sub.add_parser("generate", help="Generate from a model, optionally with an adapter.")
@@ -117,7 +119,8 @@ def check_new_run_dir(out: str | None) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is not a folder")
-    if path.is_dir() and ((path / "events.jsonl").exists() or set(os.listdir(path)) - {"config.json"}):
+    # A folder prepared by runs.start_training (config.json, train.log, train.pid) counts as new.
+    if path.is_dir() and ((path / "events.jsonl").exists() or set(os.listdir(path)) - PREPARED_FILES):
         raise UserError(f"--out {path}: a run folder with content already exists; use --resume {path} "
                         "to continue it, or choose a new folder")
     return path
@@ -137,8 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_flat(flat)
     else:
         cfg = run_config_from_args(args)
-        run_dir = check_new_run_dir(args.out)
-    if args.nproc > 1 or args.hosts:
+        run_dir = Path(args.out or "") if args.launched else check_new_run_dir(args.out)
+    if (args.nproc > 1 or args.hosts) and not args.launched:
         from .distributed import launch
 
         return launch(run_dir, cfg, args.nproc, args.hosts, resume=bool(args.resume))

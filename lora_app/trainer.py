@@ -24,6 +24,9 @@ from .config import RunConfig
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
+# How MLX (Metal, CUDA, CPU malloc) and the C++ runtime word an allocation failure.
+OOM_MARKS = ("out of memory", "outofmemory", "insufficient memory", "unable to allocate", "attempting to allocate",
+             "failed to allocate", "bad_alloc", "maximum allowed buffer size")
 
 
 class StopTraining(Exception):
@@ -180,6 +183,19 @@ class Trainer:
                                    f"{self.plan.steps_per_epoch()} steps per epoch; {self.total_steps} steps",
                    trainable_params=n, steps_per_epoch=self.plan.steps_per_epoch(),
                    data_format=self.data.format)
+        self.check_memory(n)
+
+    def check_memory(self, trainable: int) -> None:
+        """Warn before the first step when the estimate exceeds what the machine (or the limit) gives."""
+        from .memory import check_model
+
+        t = self.cfg.train
+        line, warning, estimate = check_model(self.model, trainable, t.batch_size, t.max_seq_length,
+                                              t.grad_checkpoint, int(t.memory_limit_gb * 1e9))
+        self.event("info", message=line, memory_estimate=estimate)
+        if warning:
+            self.event("warning", message=warning)
+            self.log(f"warning: {warning}")
 
     def restore(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
@@ -270,10 +286,11 @@ class Trainer:
             p.step = step
             if first_step:  # the first step includes loading and compiling: time it apart, count it apart
                 mx.eval(state, tok_sum)
-                self.event("first_step", step=step, seconds=time.perf_counter() - self.started)
+                first_tokens = int(tok_sum.item())
+                self.event("first_step", step=step, seconds=time.perf_counter() - self.started, tokens=first_tokens)
                 first_step = False
                 window_start = time.perf_counter()
-                p.trained_tokens += int(tok_sum.item())
+                p.trained_tokens += first_tokens
                 tok_sum = mx.array(0.0)
             last = step == self.total_steps
             report = step % t.steps_per_report == 0 or last
@@ -304,16 +321,22 @@ class Trainer:
                 excluded += time.perf_counter() - aside
 
     def check_finite(self, losses: list[tuple[int, Any]]) -> None:
-        for step, loss in losses:
-            value = loss.item()
-            if not math.isfinite(value):
-                last = latest_checkpoint(self.run_dir)
-                kept = f"the last good checkpoint is {last.name}" if last else "no checkpoint had been saved yet"
-                raise_error = (f"loss became {value} at step {step}; {kept}. "
-                               f"Lower the learning rate (now {self.cfg.train.learning_rate:g}) or enable "
-                               "gradient clipping, then resume or start again.")
-                self.event("error", message=raise_error, step=step)
-                raise StopTraining("error", raise_error)
+        import mlx.core as mx
+
+        bad = next(((step, v) for step, v in ((s, loss.item()) for s, loss in losses) if not math.isfinite(v)), None)
+        if self.size > 1:  # all ranks stop together, even if only one saw the bad value
+            if mx.distributed.all_sum(mx.array(int(bad is not None)), stream=mx.cpu).item() and bad is None:
+                bad = (self.progress.step, float("nan"))
+        if bad is None:
+            return
+        step, value = bad
+        last = latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last.name}" if last else "no checkpoint had been saved yet"
+        message = (f"loss became {value} at step {step}; {kept}. "
+                   f"Lower the learning rate (now {self.cfg.train.learning_rate:g}) or enable "
+                   "gradient clipping, then resume or start again.")
+        self.event("error", message=message, step=step)
+        raise StopTraining("error", message)
 
     def report_train(self, losses: list[tuple[int, Any]], tokens: int, elapsed: float) -> None:
         import mlx.core as mx
@@ -402,8 +425,8 @@ def describe_failure(e: Exception) -> str:
     if isinstance(e, USER_ERRORS):
         return str(e)
     text = f"{type(e).__name__}: {e}"
-    if "memory" in str(e).lower() and ("out of" in str(e).lower() or "allocat" in str(e).lower()):
-        return f"out of memory ({e}). {OOM_ADVICE}"
+    if isinstance(e, MemoryError) or any(mark in str(e).lower() for mark in OOM_MARKS):
+        return f"out of memory ({str(e).strip() or type(e).__name__}). {OOM_ADVICE}"
     return text
 
 

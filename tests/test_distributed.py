@@ -1,0 +1,58 @@
+"""Data-parallel training: 2 processes with MLX's ring backend on 127.0.0.1 against one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lora_app import runs
+from lora_app.distributed import launch_command
+
+FLAGS = ["--iters", "6", "--steps-per-report", "1", "--learning-rate", "1e-3", "--batch-size", "4",
+         "--steps-per-eval", "3", "--save-every", "3", "--batching", "padded"]
+
+
+def losses(run_dir, kind="train", key="loss"):
+    return [e[key] for e in runs.read_events(run_dir) if e["event"] == kind]
+
+
+def test_two_ring_processes_match_one(tiny_model, text_data, engine_env, tmp_path):
+    common = [sys.executable, "-m", "lora_app", "train", "--model", str(tiny_model), "--data", str(text_data), *FLAGS]
+    one = subprocess.run([*common, "--out", str(tmp_path / "one")], env=engine_env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*common, "--out", str(tmp_path / "two"), "--nproc", "2"], env=engine_env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-2000:]
+    assert np.allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=2e-3)
+    assert np.allclose(losses(tmp_path / "one", "val", "val_loss"), losses(tmp_path / "two", "val", "val_loss"),
+                       rtol=2e-3)
+    # Only rank 0 writes: one adapter, one line per event.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapters", "best", "checkpoints",
+                                                                   "config.json", "events.jsonl"]
+    assert len(losses(tmp_path / "two")) == 6
+    assert [e["status"] for e in runs.read_events(tmp_path / "two") if e["event"] == "status"] == [
+        "starting", "running", "done"]
+
+
+def test_launch_command_for_a_hostfile(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]))
+    cmd = launch_command(tmp_path / "run", 0, str(hostfile), resume=False)
+    assert cmd[0].endswith("mlx.launch") and cmd[1:3] == ["--hostfile", str(hostfile)]
+    inner = cmd[cmd.index("--") + 1:]
+    assert inner[1:5] == ["-m", "lora_app", "train", "--launched"]
+    assert inner[-4:] == ["--config", str(tmp_path / "run" / "config.json"), "--out", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize("content,message", [("not json", "not valid JSON"), ('{"a": 1}', "expected a list")])
+def test_bad_hostfile(content, message, tiny_model, text_data, engine_env, tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "lora_app", "train", "--model", str(tiny_model), "--data",
+                             str(text_data), "--out", str(tmp_path / "r"), "--hosts", str(hostfile)],
+                            env=engine_env, capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
