@@ -98,8 +98,11 @@ def load_adapter(model: Any, folder: Path) -> tuple[LoraConfig, LoraTargets]:
     import mlx.core as mx
 
     from .models import blocks_of, linear_modules
+    from .peft_format import is_peft_folder, load_peft
 
     folder = Path(folder)
+    if is_peft_folder(folder):  # Hugging Face PEFT layout: converted, then the same name/shape checks
+        return load_peft(model, folder)
     config = read_adapter_config(folder)
     num_blocks = len(blocks_of(model))
     lora = lora_config_from(config, num_blocks)

@@ -3,7 +3,9 @@
 from .adapters import AdapterError
 from .config import ConfigError
 from .data import DataError
+from .export import ExportError
 from .lora import LoraError
 from .models import ModelError
 
-USER_ERRORS: tuple[type[Exception], ...] = (AdapterError, ConfigError, DataError, LoraError, ModelError)
+USER_ERRORS: tuple[type[Exception], ...] = (AdapterError, ConfigError, DataError, ExportError, LoraError,
+                                             ModelError)
