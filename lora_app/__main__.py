@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import runs
-from .config import SECTIONS, ConfigError, RunConfig, field_help, load_config_file
+from .config import SECTIONS, ConfigError, RunConfig, TrainConfig, field_help, load_config_file
 
 USAGE_ERROR = 2
 PREPARED_FILES = {"config.json", "train.log", "train.pid", "control"}
@@ -119,11 +119,34 @@ def check_new_run_dir(out: str | None) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is not a folder")
+    if path.is_dir() and never_trained(path):
+        (path / "events.jsonl").unlink(missing_ok=True)  # it holds only the failure of an earlier start
     # A folder prepared by runs.start_training (config.json, train.log, train.pid) counts as new.
     if path.is_dir() and ((path / "events.jsonl").exists() or set(os.listdir(path)) - PREPARED_FILES):
         raise UserError(f"--out {path}: a run folder with content already exists; use --resume {path} "
                         "to continue it, or choose a new folder")
     return path
+
+
+def never_trained(path: Path) -> bool:
+    """A run that ended with an error before its first step (a bad model path, say): nothing to lose."""
+    state = runs.run_state(path)
+    kinds = {e["event"] for e in runs.read_events(path)}
+    leftovers = set(os.listdir(path)) - PREPARED_FILES - {"events.jsonl"}
+    return state.status == "error" and not state.alive and not leftovers and not kinds & {"train", "checkpoint"}
+
+
+def resume_overrides(args: argparse.Namespace) -> dict:
+    """Training settings given with --resume (--iters, --learning-rate after a NaN, ...); the model, data and
+    LoRA shape are fixed by the checkpoint."""
+    given = {f.name: getattr(args, f.name) for section in SECTIONS for f in fields(section)
+             if getattr(args, f.name, None) is not None}
+    fixed = sorted(set(given) - {f.name for f in fields(TrainConfig)})
+    if fixed or args.config:
+        names = ", ".join("--" + n.replace("_", "-") for n in fixed) or "--config"
+        raise UserError(f"--resume: {names} cannot change when resuming (only training settings such as "
+                        "--iters or --learning-rate can); start a new run instead")
+    return given
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -134,10 +157,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
             raise UserError(f"--resume {run_dir}: not a run folder (no config.json)")
-        flat = runs.read_config(run_dir)
-        if args.iters is not None:
-            flat["iters"] = args.iters
-        cfg = RunConfig.from_flat(flat)
+        overrides = resume_overrides(args)
+        cfg = RunConfig.from_flat({**runs.read_config(run_dir), **overrides})
+        if overrides and (args.nproc > 1 or args.hosts):  # the launched ranks read config.json
+            save_config_json(cfg, run_dir / "config.json")
     else:
         cfg = run_config_from_args(args)
         run_dir = Path(args.out or "") if args.launched else check_new_run_dir(args.out)

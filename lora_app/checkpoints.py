@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_json, fsync_dir
+from .fileio import atomic_write_json, fsync_dir, fsync_file
 
 PREFIX = "step_"
 
@@ -43,10 +43,13 @@ def save_checkpoint(run_dir: Path, step: int, adapter_weights: dict, optimizer_s
     tmp.mkdir()
     mx.save_safetensors(str(tmp / "adapters.safetensors"), adapter_weights)
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
+    for written in (tmp / "adapters.safetensors", tmp / "optimizer.safetensors"):
+        fsync_file(written)  # on disk before state.json marks the checkpoint good (power loss, not only kills)
     atomic_write_json(tmp / "state.json", {"step": step, **state})
     fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step after a resume: replace it whole
-        shutil.rmtree(final)
+    if final.exists():  # a re-save of the same step: move the old one aside whole, never delete it in place
+        shutil.rmtree(root / f".old-{final.name}", ignore_errors=True)
+        final.rename(root / f".old-{final.name}")
     tmp.rename(final)
     fsync_dir(root)
     prune(run_dir, keep)
@@ -57,9 +60,26 @@ def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (always at least the newest) and clear leftovers of torn saves."""
     found = checkpoint_dirs(run_dir)
     for old in found[: max(len(found) - max(keep, 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)
-    for junk in (Path(run_dir) / "checkpoints").glob(f".tmp-{PREFIX}*"):
+        # Hide it first: a crash mid-delete must not leave a step_* folder with state.json but no weights.
+        hidden = old.with_name(f".old-{old.name}")
+        shutil.rmtree(hidden, ignore_errors=True)
+        old.rename(hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    for junk in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f".old-{PREFIX}*")]:
         shutil.rmtree(junk, ignore_errors=True)
+
+
+def discard_from(run_dir: Path, step: int) -> Path | None:
+    """Delete the checkpoints at `step` and later (weights known to give a non-finite loss); return the newest
+    one left, or None."""
+    for bad in checkpoint_dirs(run_dir):
+        if int(bad.name[len(PREFIX):]) >= step:
+            hidden = bad.with_name(f".old-{bad.name}")
+            shutil.rmtree(hidden, ignore_errors=True)
+            bad.rename(hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
+    return latest_checkpoint(run_dir)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict[str, Any]]:

@@ -8,6 +8,7 @@ read the same file. This module imports neither mlx nor gradio: the UI reads con
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -136,7 +137,9 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        problems = []
+        problems = [f"{f.name} must be a finite number (got {getattr(section, f.name)})"
+                    for section in (self.lora, self.data, self.train) for f in fields(section)
+                    if isinstance(getattr(section, f.name), float) and not math.isfinite(getattr(section, f.name))]
         lo, tr, da = self.lora, self.train, self.data
         if lo.rank < 1:
             problems.append(f"rank must be at least 1 (got {lo.rank})")
@@ -306,12 +309,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"{path}: not valid {kind}: {parse_error_line(e)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     return data
+
+
+def parse_error_line(e: Exception) -> str:
+    """One line for a JSON or YAML parse error (YAML's own message spans several, with a caret drawing)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f"{getattr(e, 'problem', None) or 'syntax error'} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
 
 
 def save_config_json(config: RunConfig, path: Path) -> None:

@@ -19,8 +19,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -39,6 +38,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename durable: fsync the folder that holds it (a no-op where the OS does not allow it)."""
     try:
@@ -51,3 +55,13 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete the temporary files atomic_write leaves when killed mid-write; returns how many."""
+    removed = 0
+    for p in Path(folder).glob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -36,11 +36,18 @@ def append_event(run_dir: Path, event: str, **fields: Any) -> dict:
     """Append one event line; flushed and fsynced so a reader (or a crash) sees whole lines only."""
     record = {"event": event, "time": round(time.time(), 3), **fields}
     line = json.dumps(record, default=float) + "\n"
-    with open(Path(run_dir) / "events.jsonl", "a", encoding="utf-8") as f:
-        f.write(line)
+    with open(Path(run_dir) / "events.jsonl", "a+b") as f:
+        if f.tell() and not ends_with_newline(f):  # a line torn by a crash: end it, so this one stays whole
+            line = "\n" + line
+        f.write(line.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
     return record
+
+
+def ends_with_newline(f: Any) -> bool:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
 
 
 class EventReader:

@@ -8,6 +8,7 @@ exactly, keep the best adapter, probe samples, and end with a plain message on N
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 import traceback
@@ -21,6 +22,7 @@ from .adapters import adapter_config, save_adapter
 from .batching import Batch, BatchPlan, eval_batches
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
+from .fileio import remove_temp_files
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
@@ -151,6 +153,9 @@ class Trainer:
         from .models import blocks_of, load_model, resolve_model
 
         cfg = self.cfg
+        if self.rank == 0:  # leftovers of writes cut short by a crash
+            for folder in ("adapters", "best"):
+                remove_temp_files(self.run_dir / folder)
         if cfg.train.memory_limit_gb:
             mx.set_memory_limit(int(cfg.train.memory_limit_gb * 1e9))
         self.base_model = resolve_model(cfg.model.model)
@@ -190,12 +195,30 @@ class Trainer:
         from .memory import check_model
 
         t = self.cfg.train
-        line, warning, estimate = check_model(self.model, trainable, t.batch_size, t.max_seq_length,
+        # The longest row this data really produces, not max_seq_length: activations grow with the square of it.
+        row_length = min(t.max_seq_length, self.plan.row_length())
+        line, warning, estimate = check_model(self.model, trainable, t.batch_size, row_length,
                                               t.grad_checkpoint, int(t.memory_limit_gb * 1e9))
         self.event("info", message=line, memory_estimate=estimate)
         if warning:
             self.event("warning", message=warning)
             self.log(f"warning: {warning}")
+
+    def roll_back(self, bad_step: int) -> Path | None:
+        """Loss `bad_step` was computed from the weights saved after bad_step - 1, so resuming those repeats it:
+        drop checkpoints from bad_step - 1 on and put the newest good one back into adapters/."""
+        if self.rank != 0:
+            return latest_checkpoint(self.run_dir)
+        from .checkpoints import discard_from
+
+        last = discard_from(self.run_dir, bad_step - 1)
+        folder = self.run_dir / "adapters"
+        if last is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            weights, _, state = load_checkpoint(last)
+            save_adapter(self.model, folder, {**self.adapter_config, "step": state["step"]}, weights)
+        return last
 
     def restore(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
@@ -330,8 +353,8 @@ class Trainer:
         if bad is None:
             return
         step, value = bad
-        last = latest_checkpoint(self.run_dir)
-        kept = f"the last good checkpoint is {last.name}" if last else "no checkpoint had been saved yet"
+        last = self.roll_back(step)
+        kept = f"the last good checkpoint is {last.name}" if last else "no good checkpoint had been saved yet"
         message = (f"loss became {value} at step {step}; {kept}. "
                    f"Lower the learning rate (now {self.cfg.train.learning_rate:g}) or enable "
                    "gradient clipping, then resume or start again.")

@@ -1,0 +1,75 @@
+"""Helpers for the reliability tests: start runs of the tiny model, follow their events, hash folders."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lora_app import runs
+from lora_app.config import RunConfig, save_config_json
+
+# Small and fast, but with dropout and packing so exact resume has something to get wrong.
+FAST = {"iters": 12, "batch_size": 2, "max_seq_length": 64, "steps_per_report": 1, "steps_per_eval": 0,
+        "save_every": 4, "keep_checkpoints": 2, "dropout": 0.1, "batching": "packed", "learning_rate": 1e-3,
+        "seed": 3}
+
+
+def make_run(run_dir: Path, model: Path, data: Path, **overrides: object) -> Path:
+    """A run folder holding only config.json, as the UI prepares it before starting."""
+    cfg = RunConfig.from_flat({**FAST, "model": str(model), "data": str(data), **overrides})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config_json(cfg, run_dir / "config.json")
+    return run_dir
+
+
+def start(run_dir: Path, resume: bool = False, extra: list[str] | None = None) -> subprocess.Popen:
+    return runs.start_training(run_dir, resume=resume, extra=extra)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
+    return proc.wait(timeout=timeout)
+
+
+def train_steps(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a step reported twice (before a crash and after the resume) keeps the last report."""
+    return {e["step"]: e["loss"] for e in runs.read_events(run_dir) if e["event"] == "train"}
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 60) -> int:
+    """Poll events until a train event with step >= `step`; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = max(train_steps(run_dir), default=0)
+        if seen >= step:
+            return seen
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early ({proc.returncode}): {log_tail(run_dir)}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout}s: {log_tail(run_dir)}")
+
+
+def final_status(run_dir: Path) -> str:
+    return runs.run_state(run_dir).status
+
+
+def log_tail(run_dir: Path, n: int = 2000) -> str:
+    try:
+        return (run_dir / "train.log").read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def cli(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 120,
+        ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lora_app", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (relative path -> digest): proof that nothing changed."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,189 @@
+"""The bad-input table: each bad flag, config file, dataset, model folder or adapter gets one clear error (exit
+code 2 on the CLI, no traceback), and no file of an existing run or adapter changes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tiny
+from runhelp import cli, hash_tree
+
+from lora_app.adapters import load_adapter
+from lora_app.config import DataConfig, RunConfig
+from lora_app.data import load_data
+from lora_app.models import load_model
+from lora_app.trainer import Trainer
+from lora_app.user_errors import USER_ERRORS
+
+
+@dataclass
+class Kit:
+    run: Path  # a finished run: config, events, adapters/, checkpoints/
+    adapter: Path  # a copy of its adapter folder
+    model: Path
+    data: Path
+    bad: Path  # the broken inputs
+    other_model: Path  # same family, different hidden size
+    hashes: dict
+
+
+def break_model(kit_bad: Path, model: Path, name: str, fix) -> Path:
+    folder = kit_bad / name
+    shutil.copytree(model, folder)
+    fix(folder)
+    return folder
+
+
+def make_bad_inputs(bad: Path, model: Path, adapter: Path) -> None:
+    break_model(bad, model, "no-config", lambda f: (f / "config.json").unlink())
+    break_model(bad, model, "bad-config", lambda f: (f / "config.json").write_text("{not json"))
+    break_model(bad, model, "no-weights", lambda f: (f / "model.safetensors").unlink())
+    break_model(bad, model, "torn-weights", lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:1000]))
+    (bad / "a-file.txt").write_text("x")
+    (bad / "bad.yaml").write_text("iters: [1, 2\n")
+    (bad / "unknown.yaml").write_text("iters: 5\nlearnin_rate: 0.1\n")
+    (bad / "list.yaml").write_text("- iters\n- 5\n")
+    (bad / "bad-type.json").write_text('{"save_every": "often"}')
+    for name, text in {"badjson": '{"text": "ok"}\n{"text": \n', "nofields": '{"foo": 1}\n{"foo": 2}\n',
+                       "empty": "", "few": '{"text": "the cat"}\n'}.items():
+        (bad / f"data-{name}").mkdir()
+        (bad / f"data-{name}" / "train.jsonl").write_text(text)
+    for name, fix in {"rank": lambda c: c["lora_parameters"].update(rank=4), "noconfig": None,
+                      "badconfig": "{oops", "torn": b"\x00\x01"}.items():
+        folder = bad / f"adapter-{name}"
+        shutil.copytree(adapter, folder)
+        edit_adapter(folder, fix)
+
+
+def edit_adapter(folder: Path, fix) -> None:
+    config = folder / "adapter_config.json"
+    if fix is None:
+        config.unlink()
+    elif isinstance(fix, str):
+        config.write_text(fix)
+    elif isinstance(fix, bytes):
+        (folder / "adapters.safetensors").write_bytes(fix)
+    else:
+        data = json.loads(config.read_text())
+        fix(data)
+        config.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def kit(tiny_model: Path, text_data: Path, tmp_path_factory) -> Kit:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    run = root / "existing-run"
+    cfg = RunConfig.from_flat({"model": str(tiny_model), "data": str(text_data), "iters": 2, "batch_size": 2,
+                               "max_seq_length": 64, "steps_per_eval": 0, "save_every": 1})
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_flat()))
+    assert Trainer(run, cfg).run() == "done"
+    adapter = shutil.copytree(run / "adapters", root / "adapter")
+    other = tiny.build_tiny_model(root / "other-model", hidden=32)
+    (root / "bad").mkdir()
+    make_bad_inputs(root / "bad", tiny_model, adapter)
+    return Kit(run, adapter, tiny_model, text_data, root / "bad", other,
+               {"run": hash_tree(run), "adapter": hash_tree(adapter)})
+
+
+def assert_nothing_changed(kit: Kit) -> None:
+    assert hash_tree(kit.run) == kit.hashes["run"], "a file of the existing run changed"
+    assert hash_tree(kit.adapter) == kit.hashes["adapter"], "a file of the adapter changed"
+
+
+def train(k: Kit, *flags: str, out: str = "new-run") -> list[str]:
+    return ["train", "--model", str(k.model), "--data", str(k.data), "--out", str(k.bad.parent / "out" / out),
+            "--iters", "2", "--batch-size", "2", "--steps-per-eval", "0", *flags]
+
+
+# (id, CLI arguments, text the one-line message must contain)
+CLI_CASES = [
+    ("no-out", lambda k: ["train", "--rank", "4"], "--out RUN_DIR is required"),
+    ("out-is-a-run", lambda k: train(k, out="x")[:-8] + ["--out", str(k.run)], "already exists; use --resume"),
+    ("out-is-a-file", lambda k: train(k)[:-7] + [str(k.bad / "a-file.txt")], "exists and is not a folder"),
+    ("resume-not-a-run", lambda k: ["train", "--resume", str(k.bad)], "not a run folder"),
+    ("resume-changes-rank", lambda k: ["train", "--resume", str(k.run), "--rank", "4"], "--rank cannot change"),
+    ("lr-not-a-number", lambda k: train(k, "--learning-rate", "abc"), "learning_rate: expected float"),
+    ("lr-infinite", lambda k: train(k, "--learning-rate", "inf"), "learning_rate must be a finite number"),
+    ("lr-zero", lambda k: train(k, "--learning-rate", "0"), "learning_rate must be greater than 0"),
+    ("rank-zero", lambda k: train(k, "--rank", "0"), "rank must be at least 1"),
+    ("dropout-one", lambda k: train(k, "--dropout", "1"), "dropout must be in [0, 1)"),
+    ("iters-fraction", lambda k: train(k, "--iters", "2.5"), "iters: expected int"),
+    ("batch-size-zero", lambda k: train(k, "--batch-size", "0"), "batch_size must be at least 1"),
+    ("optimizer-sgd", lambda k: train(k, "--optimizer", "sgd"), "optimizer must be adam or adamw"),
+    ("layers-garbage", lambda k: train(k, "--layers", "first:2"), "layers must be all, last:N"),
+    ("layers-outside", lambda k: train(k, "--layers", "0-7"), "outside the model, which has blocks 0-1"),
+    ("module-unknown", lambda k: train(k, "--modules", "qq_proj"), "module 'qq_proj' not found"),
+    ("config-missing", lambda k: train(k, "--config", str(k.bad / "nope.yaml")), "config file not found"),
+    ("config-bad-yaml", lambda k: train(k, "--config", str(k.bad / "bad.yaml")), "not valid YAML: expected ',' or ']'"),
+    ("config-unknown-key", lambda k: train(k, "--config", str(k.bad / "unknown.yaml")), "unknown setting(s): learnin"),
+    ("config-a-list", lambda k: train(k, "--config", str(k.bad / "list.yaml")), "expected a mapping of settings"),
+    ("config-bad-type", lambda k: train(k, "--config", str(k.bad / "bad-type.json")), "save_every: expected int"),
+    ("model-missing", lambda k: train(k, "--model", str(k.bad / "nope")), "model folder not found"),
+    ("model-a-file", lambda k: train(k, "--model", str(k.bad / "a-file.txt")), "model path is not a folder"),
+    ("model-no-config", lambda k: train(k, "--model", str(k.bad / "no-config")), "no config.json"),
+    ("model-bad-config", lambda k: train(k, "--model", str(k.bad / "bad-config")), "config.json: not valid JSON"),
+    ("model-no-weights", lambda k: train(k, "--model", str(k.bad / "no-weights")), "no *.safetensors"),
+    ("data-missing", lambda k: train(k, "--data", str(k.bad / "nope")), "no such file or folder"),
+    ("data-few-rows", lambda k: train(k, "--data", str(k.bad / "data-few")), "fewer than the batch size"),
+    ("stop-idle-run", lambda k: ["stop", str(k.run)], "no training process is running"),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_rejects_bad_input(case, kit: Kit, engine_env) -> None:
+    name, args, expected = case
+    result = cli([str(kit.bad.parent / "out" / name) if a.endswith("/new-run") else a for a in args(kit)],
+                 engine_env)
+    assert result.returncode == 2, (result.stdout[-500:], result.stderr[-1500:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0], lines[0]
+    assert_nothing_changed(kit)
+
+
+def test_cli_adapter_for_another_base_model(kit: Kit, engine_env) -> None:
+    result = cli(["generate", "--model", str(kit.other_model), "--adapter", str(kit.adapter), "--prompt", "hi",
+                  "--max-tokens", "2"], engine_env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert result.stderr.startswith("error: ") and "adapter does not match this model" in result.stderr
+    assert "made for" in result.stderr and "this model and rank need" in result.stderr
+    assert_nothing_changed(kit)
+
+
+# In-process: the same errors the UI shows (it calls the engine, not the CLI).
+def user_error(call) -> str:
+    with pytest.raises(USER_ERRORS) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("adapter-rank", "this model and rank need"), ("adapter-noconfig", "no adapter_config.json"),
+    ("adapter-badconfig", "adapter_config.json: not valid JSON"), ("adapter-torn", "cannot be read"),
+])
+def test_broken_adapter_is_refused(name: str, expected: str, kit: Kit) -> None:
+    model, _ = load_model(str(kit.model))
+    assert expected in user_error(lambda: load_adapter(model, kit.bad / name))
+    assert_nothing_changed(kit)
+
+
+def test_torn_model_weights_are_refused(kit: Kit) -> None:
+    message = user_error(lambda: load_model(str(kit.bad / "torn-weights")))
+    assert "could not load model" in message and "torn-weights" in message
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("badjson", "line 2: not valid JSON"), ("nofields", "cannot tell the format"), ("empty", "the file is empty"),
+])
+def test_bad_dataset_rows_are_refused(name: str, expected: str, kit: Kit) -> None:
+    _, tokenizer = load_model(str(kit.model))
+    message = user_error(lambda: load_data(DataConfig(data=str(kit.bad / f"data-{name}")), tokenizer, batch_size=1))
+    assert expected in message and f"data-{name}" in message
+    assert_nothing_changed(kit)
