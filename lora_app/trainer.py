@@ -20,7 +20,7 @@ from typing import Any
 from . import runs
 from .adapters import adapter_config, save_adapter
 from .batching import Batch, BatchPlan, eval_batches
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .fileio import remove_temp_files
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
@@ -221,12 +221,17 @@ class Trainer:
         return last
 
     def restore(self) -> None:
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is None:
-            return  # nothing saved yet: start from the beginning
+        """Load the newest checkpoint that reads back whole; an unreadable one (a disk fault) is skipped."""
         from mlx.utils import tree_flatten, tree_unflatten
 
-        adapters, optimizer_state, state = load_checkpoint(checkpoint)
+        for checkpoint in reversed(checkpoint_dirs(self.run_dir)):
+            try:
+                adapters, optimizer_state, state = load_checkpoint(checkpoint)
+                break
+            except Exception as e:  # noqa: BLE001 - any read failure: fall back to the one before
+                self.event("warning", message=f"checkpoint {checkpoint.name} cannot be read ({e}); trying an older one")
+        else:
+            return  # nothing saved yet: start from the beginning
         self.model.load_weights(list(adapters.items()), strict=False)
         # Fill the freshly initialised state tree leaf by leaf, so its structure stays what compile captured.
         flat = dict(tree_flatten(optimizer_state))

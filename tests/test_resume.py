@@ -91,3 +91,17 @@ def test_prune_never_deletes_the_newest_good_checkpoint(tmp_path) -> None:
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_0000003"]
     adapters, optimizer, state = load_checkpoint(latest_checkpoint(tmp_path))
     assert state["step"] == 3 and adapters["a"].shape == (2, 2)
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(reference, tiny_model, text_data,
+                                                                    tmp_path) -> None:
+    run_dir = make_run(tmp_path / "run", tiny_model, text_data, keep_checkpoints=3)
+    assert finish(start(run_dir)) == 0
+    newest = latest_checkpoint(run_dir)
+    (newest / "adapters.safetensors").write_bytes(b"\0" * 10)  # a disk fault, not a kill: no rename saves it
+    shutil.rmtree(run_dir / "adapters")
+    assert finish(start(run_dir, resume=True, extra=["--iters", "12"])) == 0
+    warnings = [e["message"] for e in runs.read_events(run_dir) if e["event"] == "warning"]
+    assert any(newest.name in w and "cannot be read" in w for w in warnings), warnings
+    assert final_status(run_dir) == "done"
+    assert_same_losses(run_dir, reference, 0)
