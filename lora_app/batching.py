@@ -129,6 +129,10 @@ class BatchPlan:
                 weights[r, pos:pos + n - 1] = w[1:n]
                 segments[r, pos:pos + n] = seg
                 pos += n
+        if max(len(row) for row in rows) == 1:
+            # One sequence per row: plain causal attention is exact (a sequence never sees the padding after
+            # it), and the model keeps its fused causal attention instead of an array mask.
+            return Batch(tokens, weights)
         # Padding tail: its own segment per row, so its queries still see one key (no empty softmax rows).
         segments[segments < 0] = 1_000_000
         return Batch(tokens, weights, segments[:, :-1])

@@ -1,0 +1,463 @@
+"""GPU benchmark, one call: our engine vs mlx-lm's trainer vs PyTorch+PEFT on a 0.5B Qwen2-shaped model.
+
+    python3 bench/gpu_bench.py            # on the GPU machine (see ../shared/tools/device-mlx-cuda.md)
+    .venv/bin/python bench/gpu_bench.py --small   # a quick check of every code path on CPU
+
+Random bf16 weights, batch 8 × 512, LoRA rank 8 (alpha 16) on q/v of all 24 blocks. Each part runs in its own
+process (MLX and PyTorch do not share the card's memory pool) and prints one `RESULT {json}` line; the parent
+prints a markdown table. FLOPs per trained token = 2 × forward (forward + activation gradients; the frozen base
+gets no weight gradients): 2 × 2 × (linear parameters incl. the LM head) + causal attention.
+"""
+
+# ruff: noqa: B023, F821  (closures are called at once; models are deleted between cases on purpose)
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+QWEN05 = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
+              num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6,
+              rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=32768)
+SMALL = dict(QWEN05, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000)
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def emit(**kw) -> None:
+    print("RESULT " + json.dumps(kw), flush=True)
+
+
+def flops_per_token(c: dict, seq: int) -> float:
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+    linear = c["num_hidden_layers"] * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])
+    linear += h * c["vocab_size"]
+    attn = c["num_hidden_layers"] * 2 * seq * h  # QK^T and AV, causal half: 2 · 2 · (seq/2) · h
+    return 2 * (2 * linear + attn)
+
+
+def timed(fn, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn(sync=True)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        fn(sync=False)
+    fn(sync=True, run=False)
+    return (time.perf_counter() - tic) / steps
+
+
+# ---- parts (each in its own process) ----------------------------------------------------------------------
+
+def part_ceiling(a) -> None:
+    import mlx.core as mx
+
+    n = 1024 if a.small else 8192
+    x = mx.random.normal((n, n)).astype(mx.bfloat16)
+    y = mx.random.normal((n, n)).astype(mx.bfloat16)
+    for _ in range(3):
+        mx.eval(x @ y)
+    k = 20
+    tic = time.perf_counter()
+    outs = [x @ y for _ in range(k)]
+    mx.eval(outs)
+    dt = (time.perf_counter() - tic) / k
+    emit(part="ceiling", tflops=2 * n**3 / dt / 1e12, device=str(mx.default_device()))
+
+
+def build_mlx_model(a, config: dict):
+    import mlx.core as mx
+    from mlx_lm.models import qwen2
+
+    mx.random.seed(0)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    return model
+
+
+def part_mlx_steps(a) -> None:
+    """Bare compiled steps: mlx-lm's train() step vs ours (padded, packed with a mask), q/v and all 7 modules."""
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from lora_app.batching import Batch
+    from lora_app.config import LoraConfig, RunConfig
+    from lora_app.lora import apply_lora
+    from lora_app.trainer import Trainer, batch_arrays, build_optimizer
+
+    config = SMALL if a.small else QWEN05
+    B, T = a.batch, a.seq
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 500, (B, T + 1)).astype(np.int32)
+    weights = np.ones((B, T), np.float32)
+    seg = np.repeat(np.arange(4), T // 4)[None].repeat(B, 0).astype(np.int32)
+
+    for modules in (["q_proj", "v_proj"], ALL7):
+        tag = "q/v" if len(modules) == 2 else "all 7"
+        # mlx-lm: the step exactly as train() builds it
+        model = build_mlx_model(a, config)
+        model.freeze()
+        linear_to_lora_layers(model, config["num_hidden_layers"], {
+            "rank": 8, "scale": 2.0, "dropout": 0.0,
+            "keys": [f"self_attn.{m}" if m[0] in "qkvo" else f"mlp.{m}" for m in modules]})
+        opt = optim.AdamW(learning_rate=1e-5)
+        lvg = nn.value_and_grad(model, default_loss)
+        state = [model.state, opt.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def their_step(batch, lengths):
+            (lvalue, toks), grad = lvg(model, batch, lengths)
+            opt.update(model, grad)
+            return lvalue, toks
+
+        model.train()
+        batch = mx.array(tokens)
+        lengths = mx.array([[0, T]] * B)
+        run_case(f"mlx-lm compiled step, {tag}", lambda: their_step(batch, lengths), state, a, B * T)
+        del model, opt, state, their_step
+
+        # ours: Trainer.compiled_step on our batches
+        model = build_mlx_model(a, config)
+        apply_lora(model, LoraConfig(modules=modules), seed=0)
+        t = Trainer.__new__(Trainer)
+        t.model, t.cfg = model, RunConfig()
+        t.optimizer = build_optimizer(t.cfg, 1000)
+        t.optimizer.init(model.trainable_parameters())
+        step, state = t.compiled_step()
+        model.train()
+        cases = [("padded/causal", Batch(tokens, weights))]
+        if tag == "q/v":
+            cases.append(("packed, 4 seqs/row (mask)", Batch(tokens, weights, seg)))
+        for name, b in cases:
+            arrays = batch_arrays(b)
+            run_case(f"ours compiled step, {tag}, {name}", lambda: step(*arrays), state, a, B * T)
+        del model, t, step, state
+
+
+def run_case(name: str, call, state, a, tokens: int) -> None:
+    import mlx.core as mx
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    out = [None]
+
+    def fn(sync: bool, run: bool = True) -> None:
+        if run:
+            out[0] = call()
+            mx.async_eval(out[0], state)
+        if sync:
+            mx.eval(out[0], state)
+
+    dt = timed(fn, a.steps)
+    emit(part="mlx_step", name=name, ms=dt * 1000, tok_s=tokens / dt, peak_gb=mx.get_peak_memory() / 1e9)
+
+
+def part_loop_variants(a) -> None:
+    """Where the loop loses against the bare step, and what async run-ahead costs in memory (in-process)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from lora_app.batching import Batch
+    from lora_app.config import LoraConfig, RunConfig
+    from lora_app.lora import apply_lora
+    from lora_app.trainer import Trainer, batch_arrays, build_optimizer
+
+    config = SMALL if a.small else QWEN05
+    B, T, n = a.batch, a.seq, 4 * a.steps
+    model = build_mlx_model(a, config)
+    apply_lora(model, LoraConfig(), seed=0)
+    t = Trainer.__new__(Trainer)
+    t.model, t.cfg = model, RunConfig()
+    t.optimizer = build_optimizer(t.cfg, 1000)
+    t.optimizer.init(model.trainable_parameters())
+    step, state = t.compiled_step()
+    model.train()
+    rng = np.random.default_rng(0)
+    host = [Batch(rng.integers(3, 500, (B, T + 1)).astype(np.int32), np.ones((B, T), np.float32))
+            for _ in range(n)]
+    fixed = batch_arrays(host[0])
+    mx.eval(step(*fixed), state)
+
+    def loop(mode: str) -> None:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        prev = None
+        tok_sum = mx.array(0.0)
+        for k in range(n):
+            arrays = fixed if mode == "fixed arrays, no waits" else batch_arrays(host[k])
+            if mode.startswith("wait") and prev is not None:
+                mx.eval(prev)  # at most one step in flight: its buffers are freed before the next is encoded
+            loss, ntoks = step(*arrays)
+            tok_sum = tok_sum + ntoks
+            mx.async_eval(state, loss, tok_sum)
+            prev = loss
+            if mode.endswith("sync every 10") and (k + 1) % 10 == 0:
+                mx.eval(state, tok_sum)
+                tok_sum.item()
+        mx.eval(state, tok_sum)
+        dt = (time.perf_counter() - tic) / n
+        emit(part="mlx_step", name=f"ours loop pattern: {mode}", ms=dt * 1000, tok_s=B * T / dt,
+             peak_gb=mx.get_peak_memory() / 1e9)
+
+    for mode in ("fixed arrays, no waits", "new arrays, no waits", "new arrays, sync every 10",
+                 "wait for previous step, sync every 10"):
+        loop(mode)
+
+
+def make_data(a) -> tuple[Path, Path, Path]:
+    """A model folder (random bf16 weights, a tiny BPE tokenizer) and uniform / mixed-length data."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from tiny import build_tokenizer
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare_cli import build_data
+
+    out = Path(a.work)
+    model_dir = out / "model"
+    if not (model_dir / "model.safetensors").exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        config = SMALL if a.small else QWEN05
+        build_tokenizer(model_dir, 512)
+        model = build_mlx_model(a, config)
+        mx.save_safetensors(str(model_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        (model_dir / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"],
+                                                            "torch_dtype": "bfloat16", "eos_token_id": 2}))
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        ns = argparse.Namespace(uniform_rows=a.batch * a.iters, uniform_len=a.seq, batch_size=a.batch,
+                                mixed_rows=a.batch * a.iters, min_len=10, max_len=a.max_len)
+        build_data(out, tok, ns)
+    return model_dir, out / "uniform", out / "mixed"
+
+
+def part_mlx_lm_train(a) -> None:
+    """mlx-lm's train() (the loop the CLI runs) on the same tokenized rows our trainer uses."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from lora_app.config import DataConfig
+    from lora_app.data import load_data
+
+    model_dir, uniform, mixed = make_data(a)
+    model, tok = load(str(model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0,
+                                                     "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
+    for name, folder in (("uniform", uniform), ("mixed", mixed)):
+        rows = [(t, 0) for t, _ in load_data(DataConfig(data=str(folder)), tok, batch_size=a.batch).train]
+        iters = len(rows) // a.batch  # one epoch
+
+        class Cb(TrainingCallback):
+            reports: list = []
+
+            def on_train_loss_report(self, info):
+                self.reports.append(info)
+
+        cb = Cb()
+        cb.reports = []
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        train(model, optim.AdamW(learning_rate=1e-5), rows, None,
+              TrainingArgs(batch_size=a.batch, iters=iters, steps_per_report=10, steps_per_save=10**9,
+                           max_seq_length=1024, adapter_file=str(Path(a.work) / f"mlxlm_{name}.safetensors")),
+              training_callback=cb)
+        wall = time.perf_counter() - tic
+        total = cb.reports[-1]["trained_tokens"] - a.batch * iters  # minus mlx-lm's pad token per row
+        later = cb.reports[1:] or cb.reports
+        emit(part="mlx_lm_train", name=name, iters=iters, wall_s=wall, tokens=total,
+             tok_s_all=total / wall, tok_s_reports=[round(r["tokens_per_second"]) for r in cb.reports],
+             tok_s_after_first=sum(r["tokens_per_second"] for r in later) / len(later),
+             peak_gb=mx.get_peak_memory() / 1e9)
+
+
+def part_ours_loop(a) -> None:
+    """Our engine through its CLI (the path the app uses), one epoch per dataset and batching mode."""
+    from lora_app import runs
+
+    model_dir, uniform, mixed = make_data(a)
+    for name, folder, modes in (("uniform", uniform, ["packed"]), ("mixed", mixed, ["packed", "padded"])):
+        for mode in modes:
+            run_dir = Path(a.work) / f"ours-{name}-{mode}"
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            iters = a.iters if mode == "padded" else max(1, epoch_steps(model_dir, folder, mode, a))
+            tic = time.time()
+            subprocess.run([sys.executable, "-m", "lora_app", "train", "--model", str(model_dir), "--data",
+                            str(folder), "--batch-size", str(a.batch), "--iters", str(iters), "--rank", "8",
+                            "--alpha", "16", "--learning-rate", "1e-5", "--max-seq-length", "1024",
+                            "--batching", mode, "--steps-per-report", "10", "--steps-per-eval", "0",
+                            "--save-every", str(iters), "--out", str(run_dir)], check=True, cwd=ROOT,
+                           env=runs.engine_env())
+            process_wall = time.time() - tic
+            ev = runs.read_events(run_dir)
+            train = [e for e in ev if e["event"] == "train"]
+            first = next(e for e in ev if e["event"] == "first_step")
+            running = next(e for e in ev if e["event"] == "status" and e["status"] == "running")
+            wall = train[-1]["time"] - running["time"]  # like mlx-lm's train(): model and data already loaded
+            total = train[-1]["trained_tokens"]
+            after = (total - first.get("tokens", 0)) / max(train[-1]["time"] - first["time"], 1e-9)
+            emit(part="ours_loop", name=f"{name} {mode}", iters=iters, wall_s=wall, tokens=total,
+                 tok_s_all=total / wall, tok_s_after_first=after, first_step_s=first["time"] - tic,
+                 process_wall_s=process_wall,
+                 tok_s_reports=[round(e["tokens_per_second"]) for e in train],
+                 peak_gb=max(e["peak_memory_gb"] for e in train))
+
+
+def epoch_steps(model_dir: Path, folder: Path, mode: str, a) -> int:
+    from transformers import AutoTokenizer
+
+    from lora_app.batching import BatchPlan
+    from lora_app.config import DataConfig
+    from lora_app.data import load_data
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = load_data(DataConfig(data=str(folder)), tok, batch_size=a.batch).train
+    return BatchPlan(rows, a.batch, 1024, mode).steps_per_epoch()
+
+
+def part_torch(a) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    config = SMALL if a.small else QWEN05
+    cfg = Qwen2Config(**{k: v for k, v in config.items() if k != "model_type"})
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(3, 500, (a.batch, a.seq + 1), device=dev)
+
+    def step_of(m):
+        def step(sync: bool, run: bool = True) -> None:
+            if run:
+                loss = m(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if sync and dev == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    variants = [("eager", model)]
+    if a.torch_compile:
+        variants.append(("torch.compile", torch.compile(model)))
+    for name, m in variants:
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        tic = time.perf_counter()
+        dt = timed(step_of(m), a.steps, warmup=3)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None
+        emit(part="torch", name=f"PyTorch {torch.__version__} + PEFT, {name}", ms=dt * 1000,
+             tok_s=a.batch * a.seq / dt, peak_gb=peak, setup_s=time.perf_counter() - tic - dt * a.steps)
+
+
+PARTS = {"ceiling": part_ceiling, "mlx_steps": part_mlx_steps, "loop_variants": part_loop_variants,
+         "mlx_lm_train": part_mlx_lm_train,
+         "ours_loop": part_ours_loop, "torch": part_torch}
+
+
+# ---- the parent: run the parts, print the table --------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=list(PARTS))
+    ap.add_argument("--parts", default="ceiling,mlx_steps,mlx_lm_train,ours_loop,torch")
+    ap.add_argument("--small", action="store_true", help="tiny shapes: check the code paths on CPU")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=40, help="steps of the padded loops (one epoch)")
+    ap.add_argument("--max-len", type=int, default=1000)
+    ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--work", default="/tmp/gpu_bench")
+    ap.add_argument("--part-timeout", type=int, default=200)
+    ap.add_argument("--json", help="write all results here")
+    a = ap.parse_args()
+    if a.small:
+        a.batch, a.seq, a.steps, a.iters, a.max_len = 2, 64, 2, 4, 120
+    if a.part:
+        random.seed(0)
+        PARTS[a.part](a)
+        return
+    results = []
+    t0 = time.perf_counter()
+    for part in a.parts.split(","):
+        passed = [x for x in sys.argv[1:] if not x.startswith("--parts")]  # use --parts=a,b
+        cmd = [sys.executable, __file__, "--part", part, *passed]
+        tic = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.part_timeout, cwd=ROOT)
+            out, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                results.append(json.loads(line[7:]))
+        print(f"[{part}] rc={rc} {time.perf_counter() - tic:.0f}s", flush=True)
+        if rc != 0:
+            print("\n".join(out.splitlines()[-25:]), flush=True)
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    print(report(results, a))
+
+
+def report(results: list[dict], a) -> str:
+    config = SMALL if a.small else QWEN05
+    fpt = flops_per_token(config, a.seq)
+    ceiling = next((r["tflops"] for r in results if r["part"] == "ceiling"), None)
+    device = next((r["device"] for r in results if r["part"] == "ceiling"), "?")
+
+    def frac(tok_s: float) -> str:
+        return f"{tok_s * fpt / 1e12 / ceiling * 100:.1f}%" if ceiling else "-"
+
+    lines = [f"bf16 matmul ceiling (MLX, {8192 if not a.small else 1024}³): "
+             f"{ceiling or float('nan'):.1f} TFLOP/s on {device}; {fpt / 1e9:.2f} GFLOP per token "
+             f"(forward + activation gradients, seq {a.seq})", "",
+             "| what | ms/step | tokens/s | % of bf16 ceiling | peak memory (GB) |", "|---|---:|---:|---:|---:|"]
+    for r in results:
+        if r["part"] in ("mlx_step", "torch"):
+            peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
+            lines.append(f"| {r['name']} ({a.batch} × {a.seq}) | {r['ms']:.1f} | {r['tok_s']:,.0f} | "
+                         f"{frac(r['tok_s'])} | {peak} |")
+    lines += ["", "Training loops, one epoch each (tokens carrying loss; throughput after the first report window "
+                  "for mlx-lm, after step 1 for ours):", "",
+              "| loop | data | steps | trained tokens | tokens/s (steady) | tokens/s (whole run) | wall (s) | "
+              "peak (GB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if r["part"] in ("mlx_lm_train", "ours_loop"):
+            who = "mlx-lm train()" if r["part"] == "mlx_lm_train" else "ours (CLI)"
+            lines.append(f"| {who} | {r['name']} | {r['iters']} | {r['tokens']:,} | {r['tok_s_after_first']:,.0f} | "
+                         f"{r['tok_s_all']:,.0f} | {r['wall_s']:.1f} | {r['peak_gb']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
