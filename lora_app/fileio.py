@@ -16,7 +16,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp" + path.suffix)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; give the usual permissions
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
@@ -25,12 +25,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         tmp_path.unlink(missing_ok=True)
     fsync_dir(path.parent)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
