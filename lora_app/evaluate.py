@@ -11,10 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 from mlx import nn
 
-from lora_app.demo import task_answer_matches
+from .demo import task_answer_matches
+from .generate import load_for_generation
 
 GEN_BATCH = 16  # prompts decoded together; bigger batches barely help on 2 CPU cores
 LOSS_BATCH = 8
@@ -28,31 +28,6 @@ def read_chat_rows(path: Path, limit: int | None = None) -> list[list[dict[str, 
             if line.strip():
                 rows.append(json.loads(line)["messages"])
     return rows[:limit] if limit is not None else rows
-
-
-def load_for_eval(model_path: str, adapter_path: str | None = None, dequantize: bool | None = None) -> tuple:
-    """`mlx_lm.load` plus, on the CPU by default, float32 de-quantized weights (quantized matmuls are slow there).
-
-    The adapter is attached after de-quantizing, so its LoRA layers wrap plain `nn.Linear`s."""
-    from mlx_lm import load
-    from mlx_lm.utils import dequantize_model, load_adapters
-
-    model, tokenizer = load(_resolve_model(model_path))
-    if dequantize if dequantize is not None else mx.default_device() == mx.cpu:
-        model = dequantize_model(model)
-        model.set_dtype(mx.float32)
-    if adapter_path:
-        model = load_adapters(model, str(adapter_path))
-    model.eval()
-    return model, tokenizer
-
-
-def _resolve_model(model_path: str) -> str:
-    if model_path == "demo":
-        from lora_app.demo import demo_model_dir
-
-        return str(demo_model_dir())
-    return str(model_path)
 
 
 def _prompt_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -74,28 +49,14 @@ def generate_answers(model: nn.Module, tokenizer: Any, rows: list[list[dict[str,
     return answers
 
 
-def _loss_batch(model: nn.Module, seqs: list[list[int]], starts: list[int]) -> tuple[float, int]:
-    """Summed cross-entropy over the tokens after each sequence's prompt, and how many tokens that was."""
-    width = max(len(s) for s in seqs)
-    tokens = mx.array([s + [0] * (width - len(s)) for s in seqs])
-    positions = mx.arange(1, width)[None, :]  # position of each predicted token
-    mask = (positions >= mx.array(starts)[:, None]) & (positions < mx.array([len(s) for s in seqs])[:, None])
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * mask
-    total, count = mx.sum(ce), mx.sum(mask)
-    mx.eval(total, count)
-    return total.item(), int(count.item())
-
-
 def test_loss(model: nn.Module, tokenizer: Any, rows: list[list[dict[str, str]]]) -> float:
-    """Mean cross-entropy per assistant token (the final answer, its end-of-turn token and what follows)."""
-    seqs = [list(tokenizer.apply_chat_template(messages)) for messages in rows]
-    starts = [len(_prompt_tokens(tokenizer, messages)) for messages in rows]
-    total, count = 0.0, 0
-    for i in range(0, len(seqs), LOSS_BATCH):
-        batch_total, batch_count = _loss_batch(model, seqs[i : i + LOSS_BATCH], starts[i : i + LOSS_BATCH])
-        total, count = total + batch_total, count + batch_count
-    return total / max(count, 1)
+    """Mean cross-entropy over the assistant tokens: the masking and batching the trainer validates with."""
+    from .batching import eval_batches
+    from .data import tokenize_chat
+    from .trainer import evaluate
+
+    examples = [tokenize_chat(messages, tokenizer, mask_prompt=True) for messages in rows]
+    return evaluate(model, eval_batches(examples, LOSS_BATCH, max(len(t) for t, _ in examples)))
 
 
 def evaluate_task(
@@ -107,7 +68,7 @@ def evaluate_task(
     dequantize: bool | None = None,
 ) -> dict[str, Any]:
     """Greedy exact-match accuracy and test loss / perplexity of a model (+ adapter) on `data_dir/test.jsonl`."""
-    model, tokenizer = load_for_eval(model_path, adapter_path, dequantize)
+    model, tokenizer = load_for_generation(model_path, adapter_path, dequantize)
     rows = read_chat_rows(Path(data_dir) / "test.jsonl", limit)
     answers = generate_answers(model, tokenizer, rows, max_tokens)
     correct = sum(task_answer_matches(a, m[-1]["content"]) for a, m in zip(answers, rows))
