@@ -208,6 +208,16 @@ def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
         if env.get("LORA_APP_NO_OPENBLAS") != "1":
             env["LD_PRELOAD"] = ":".join(filter(None, [str(OPENBLAS), env.get("LD_PRELOAD")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # MLX's CUDA backend compiles its fused kernels at first use (tens of seconds on a cold cache) and caches
+    # them under /tmp by default, which a reboot empties: keep them with the app's data, one folder per MLX version.
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .demo import app_home
+
+    try:
+        env.setdefault("MLX_PTX_CACHE_DIR", str(app_home() / "ptx-cache" / version("mlx")))
+    except PackageNotFoundError:
+        pass
     return env
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import socket
 import subprocess
 import sys
@@ -147,4 +147,14 @@ def test_bad_inputs_get_messages_not_tracebacks(app, tmp_path):
     assert "adapter folder not found" in client.predict(str(missing), str(tmp_path / "x"), api_name="/save_adapter")
     _, stats = client.predict("demo", str(missing), "auto", 0.1, False, False, 2048, 4, api_name="/preview_data")
     assert stats.startswith("⚠️") and "nope" in stats
-    os.environ.get("PATH")  # keep the environment untouched by these calls
+
+
+def test_data_preview_fills_empty_probe_prompts_from_validation_rows(app, chat_data):
+    from gradio_client import Client
+
+    from lora_app.probes import row_prompt
+
+    client = Client(app[0], verbose=False)
+    first = json.loads((chat_data / "valid.jsonl").read_text().splitlines()[0])
+    prompts = client.predict(str(chat_data), "auto", 0.1, "", api_name="/default_probes").splitlines()
+    assert 1 <= len(prompts) <= 3 and prompts[0] == row_prompt(first, "chat")

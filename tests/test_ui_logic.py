@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_app import runs
+from lora_app import memory, runs
 from lora_app.__main__ import build_parser, run_config_from_args
 from lora_app.config import ConfigError, RunConfig, save_config_json
 from lora_app.ui import cli, estimates, runlist, settings, timeline
@@ -162,6 +162,24 @@ def test_adapter_summary_counts_real_shapes():
     assert "3,584" in text and "3.584%" in text and "14.3 KB" in text and "2 block(s) × 2 module(s)" in text
     assert "not in this model" in estimates.adapter_summary(info, "all", ["mlp.up_proj"], 8)
     assert "outside the model" in estimates.adapter_summary(info, "0,7", ["self_attn.q_proj"], 8)
+
+
+def test_adapter_summary_estimates_training_memory():
+    info = {"num_blocks": 30, "total_params": 134_515_008, "hidden_size": 576, "vocab_size": 49152,
+            "dtype": "float16", "quantization": {"bits": 4, "group_size": 32},
+            "linear_modules": ["self_attn.q_proj"], "module_shapes": {"self_attn.q_proj": [576, 576]}}
+    trainable = 30 * 8 * (576 + 576)
+    full = memory.estimate_training_memory(info, trainable, 4, 512)
+    ckpt = memory.estimate_training_memory(info, trainable, 4, 512, grad_checkpoint=True)
+    text = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, False)
+    assert f"{trainable:,}" in text and "batch 4 × 512 tokens" in text
+    assert f"about {estimates.human_bytes(full['total'])}" in text
+    assert f"with gradient checkpointing about {estimates.human_bytes(ckpt['total'])}" in text
+    longer = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 2048, False)
+    assert estimates.human_bytes(memory.estimate_training_memory(info, trainable, 4, 2048)["total"]) in longer
+    with_ckpt = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, True)
+    assert f"about {estimates.human_bytes(ckpt['total'])}" in with_ckpt and "with gradient" not in with_ckpt
+    assert "set batch size" in estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 0, 512, False)
 
 
 def test_app_refuses_to_expose_without_auth():

@@ -65,15 +65,17 @@ def build() -> SimpleNamespace:
                            dropout=dropout, scale=scale, summary=summary)
 
 
-def wire(ui: SimpleNamespace, info: gr.State) -> None:
-    """Events that need the inspected model's info."""
+def wire(ui: SimpleNamespace, info: gr.State, train_inputs: list) -> None:
+    """Events that need the inspected model's info; train_inputs (batch size, max sequence length, gradient
+    checkpointing, from the Train step) feed the memory estimate."""
     for slider in (ui.first, ui.last):
         slider.release(layers_text, [ui.first, ui.last, info], ui.layers, api_name=f"layers_{slider.elem_id[6:]}")
     ui.layers.input(sliders_from_layers, [ui.layers, info], [ui.first, ui.last], api_name="layers_typed",
                     show_progress="hidden")
-    gr.on([ui.layers.change, ui.modules.change, ui.rank.change, info.change],
-          lambda i, la, m, r: adapter_summary(i, la, m or [], r or 1), [info, ui.layers, ui.modules, ui.rank],
-          ui.summary, api_name="adapter_summary", show_progress="hidden")
+    gr.on([ui.layers.change, ui.modules.change, ui.rank.change, info.change, *(x.change for x in train_inputs)],
+          lambda i, la, m, r, *t: adapter_summary(i, la, m or [], r or 1, *t),
+          [info, ui.layers, ui.modules, ui.rank, *train_inputs], ui.summary, api_name="adapter_summary",
+          show_progress="hidden")
 
 
 def sliders_from_layers(layers: str, info: dict) -> tuple:

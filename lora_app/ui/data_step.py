@@ -62,6 +62,21 @@ def preview_data(model: str, data: str, data_format: str, valid_fraction: float,
     return preview_html(rows), stats + ("\n\n" + notes if notes else "")
 
 
+def fill_probes(data: str, data_format: str, valid_fraction: float, current: str) -> str:
+    """The Train step's sample-probe box, when empty: prompts of the first validation rows (after a preview,
+    so a bad source has already been reported there)."""
+    from ..probes import default_probe_prompts
+    from ..user_errors import USER_ERRORS
+
+    if (current or "").strip() or not (data or "").strip():
+        return gr.skip()
+    try:
+        cfg = DataConfig(data=data.strip(), data_format=data_format, valid_fraction=float(valid_fraction))
+        return "\n".join(default_probe_prompts(cfg))
+    except (ConfigError, *USER_ERRORS, OSError):
+        return gr.skip()
+
+
 def pick_source(source: str, current: str) -> str:
     if source == "demo":
         return "demo"

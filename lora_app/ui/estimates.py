@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..lora import LoraError, adapter_bytes, count_for, parse_layers
+from ..memory import estimate_training_memory
 
 
 def human_bytes(n: float) -> str:
@@ -15,7 +14,8 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def adapter_summary(info: dict, layers: str, modules: list[str], rank: int) -> str:
+def adapter_summary(info: dict, layers: str, modules: list[str], rank: int, batch_size: int = 4,
+                    max_seq_length: int = 2048, grad_checkpoint: bool = False) -> str:
     """Markdown: trainable params (count, % of the model), adapter file size, training-memory estimate."""
     if not info:
         return "Inspect the model (step 1) to see trainable parameters and sizes."
@@ -30,21 +30,22 @@ def adapter_summary(info: dict, layers: str, modules: list[str], rank: int) -> s
     share = n / info["total_params"] if info.get("total_params") else 0
     text = (f"**Trainable parameters** {n:,} ({share:.3%} of {info['total_params']:,}) · "
             f"**adapter file** {human_bytes(adapter_bytes(n))} · {len(blocks)} block(s) × {len(modules)} module(s)")
-    memory = training_memory_estimate(info, n)
-    return text + (f" · **training memory** about {memory}" if memory else "")
+    memory = memory_text(info, n, batch_size, max_seq_length, grad_checkpoint)
+    return f"{text}\n\n{memory}" if memory else text
 
 
-def training_memory_estimate(info: dict, trainable: int, **settings: Any) -> str | None:
-    """Hook for lora_app.memory (issue 6): None until that module provides an estimate."""
-    try:
-        from .. import memory
-    except ImportError:
-        return None
-    estimate = getattr(memory, "estimate", None) or getattr(memory, "estimate_training_memory", None)
-    if estimate is None:
-        return None
-    try:
-        result = estimate(info=info, trainable_params=trainable, **settings)
-    except Exception:  # noqa: BLE001 - an estimate must never break the page
-        return None
-    return human_bytes(result) if isinstance(result, (int, float)) else str(result)
+def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int, grad_checkpoint: bool) -> str:
+    """The training-memory estimate for the Train step's batch size and max sequence length (rows are packed up
+    to that length, so it is an upper bound for shorter data)."""
+    if not info.get("hidden_size"):
+        return ""
+    if not batch_size or batch_size < 1 or not max_seq_length or max_seq_length < 1:
+        return "Training memory: set batch size and max sequence length (step 4) for an estimate."
+    est = estimate_training_memory(info, trainable, int(batch_size), int(max_seq_length), bool(grad_checkpoint))
+    text = (f"**Training memory** up to about {human_bytes(est['total'])} at batch {int(batch_size)} × "
+            f"{int(max_seq_length)} tokens (weights {human_bytes(est['weights'])}, activations "
+            f"{human_bytes(est['activations'])})")
+    if not grad_checkpoint and est["activations_checkpointed"] < est["activations"]:
+        saved = est["total"] - est["activations"] + est["activations_checkpointed"]
+        text += f"; with gradient checkpointing about {human_bytes(saved)}"
+    return text
