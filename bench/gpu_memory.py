@@ -76,18 +76,11 @@ def bool_loss(model, tokens, weights, segments=None):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from lora_app.trainer import SegmentMask
+    from lora_app.trainer import forward
 
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if segments is None:
-        logits = model(inputs)
-    else:
-        n = segments.shape[1]
-        causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
-        mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
-        logits = model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+    logits = forward(model, tokens[:, :-1], segments)
     mask = weights > 0
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * mask
     ntoks = mask.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 

@@ -71,20 +71,25 @@ class SegmentMask:
         return keys, values
 
 
+def forward(model: Any, inputs: Any, segments: Any = None) -> Any:
+    """Logits; a packed row's sequences (segment ids) attend only to themselves, causally."""
+    import mlx.core as mx
+
+    if segments is None:
+        return model(inputs)
+    n = segments.shape[1]
+    causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
+    mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+    return model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+
+
 def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None) -> tuple[Any, Any]:
     """Mean cross-entropy over the tokens whose weight is 1, and their count."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if segments is None:
-        logits = model(inputs)
-    else:
-        n = segments.shape[1]
-        causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
-        mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
-        logits = model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
-    ce = nn.losses.cross_entropy(logits, targets) * weights
+    logits = forward(model, tokens[:, :-1], segments)
+    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
     ntoks = weights.sum()
     return ce.astype(mx.float32).sum() / mx.maximum(ntoks, 1), ntoks
 
@@ -182,6 +187,8 @@ class Trainer:
         self.optimizer.init(self.model.trainable_parameters())
         if self.resume:
             self.restore()
+        if cfg.lora.init_adapter and self.progress.step == 0:  # a resumed run's checkpoint wins
+            self.init_from_adapter()
         if t.grad_checkpoint:
             from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -245,6 +252,32 @@ class Trainer:
                                  evals_since_best=state.get("evals_since_best", 0))
         self.event("info", message=f"resumed from {checkpoint.name}", step=self.progress.step)
 
+    def init_from_adapter(self) -> None:
+        """Start from an existing adapter's weights (continue training it); a mismatch ends the run here."""
+        from .adapters import init_from_adapter
+
+        folder, warnings = init_from_adapter(self.model, self.cfg.lora.init_adapter, self.cfg.lora, self.targets,
+                                             self.base_model)
+        for warning in warnings:
+            self.event("warning", message=warning)
+            self.log(f"warning: {warning}")
+        self.event("info", message=f"starting from the adapter in {folder}", init_adapter=str(folder))
+
+    def host_names(self, width: int = 64) -> list[str]:
+        """Every rank's host name, in rank order (for the `running` event): each rank fills its own row of
+        a zero matrix and all_sum gives every rank the whole table."""
+        import socket
+
+        import mlx.core as mx
+
+        name = socket.gethostname().encode("utf-8")[:width]
+        if self.size == 1:
+            return [name.decode("utf-8", "replace")]
+        rows = [[0] * width for _ in range(self.size)]
+        rows[self.rank][:len(name)] = list(name)
+        table = mx.distributed.all_sum(mx.array(rows, dtype=mx.int32), stream=mx.cpu).tolist()
+        return [bytes(b for b in row if b).decode("utf-8", "replace") for row in table]
+
     # -- the step --
     def compiled_step(self) -> Any:
         import mlx.core as mx
@@ -275,8 +308,11 @@ class Trainer:
         self.event("status", status="starting", total_steps=self.cfg.train.iters)
         try:
             self.setup()
-            self.event("status", status="running", total_steps=self.total_steps, step=self.progress.step)
-            if self.progress.step == 0 and self.cfg.train.probe_prompts:
+            self.event("status", status="running", total_steps=self.total_steps, step=self.progress.step,
+                       world_size=self.size, hosts=self.host_names())
+            if self.progress.step == 0 and self.cfg.lora.init_adapter and self.val and self.cfg.train.steps_per_eval:
+                self.validate(0)  # the starting adapter's loss: the curve's first point (and its probes)
+            elif self.progress.step == 0 and self.cfg.train.probe_prompts:
                 self.probe(0)
             self.loop()
             status, message = "done", "training finished"
