@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import DataConfig
-from .data import choose_format, map_columns, prompt_completion, read_source
+from .data import choose_format, map_columns, prompt_completion
+from .data_sources import read_source
 
 MAX_PROBES = 5  # the trainer answers at most this many at each evaluation
 TEXT_WORDS = 8  # a plain-text row has no prompt: its opening words stand in for one

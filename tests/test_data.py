@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_app import data
+from lora_app import data, data_sources
 from lora_app.config import DataConfig
 from lora_app.data import DataError, LoadedData, load_data
 
@@ -239,8 +239,8 @@ def test_single_file_is_split_deterministically(tmp_path, tok):
 
 
 def test_split_rows_never_empties_train():
-    assert data.split_rows([1], 0.5, 0) == ([1], [])
-    train, valid = data.split_rows(list(range(3)), 0.9, 0)
+    assert data_sources.split_rows([1], 0.5, 0) == ([1], [])
+    train, valid = data_sources.split_rows(list(range(3)), 0.9, 0)
     assert len(train) == 1 and len(valid) == 2
 
 
@@ -253,7 +253,7 @@ def test_folder_without_valid_holds_out_rows(tmp_path, tok):
 def test_demo_maps_to_the_shipped_folder(tmp_path, tok, monkeypatch):
     write_jsonl(tmp_path / "train.jsonl", [chat("a", "b")] * 3)
     write_jsonl(tmp_path / "valid.jsonl", [chat("c", "d")])
-    monkeypatch.setattr(data, "DEMO_DATA", tmp_path)
+    monkeypatch.setattr(data_sources, "DEMO_DATA", tmp_path)
     loaded = load_data(DataConfig(data="demo"), tok)
     assert loaded.format == "chat" and len(loaded.train) == 3
 
