@@ -180,6 +180,9 @@ def test_adapter_summary_estimates_training_memory():
     with_ckpt = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, True)
     assert f"about {estimates.human_bytes(ckpt['total'])}" in with_ckpt and "with gradient" not in with_ckpt
     assert "set batch size" in estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 0, 512, False)
+    assert "⚠️" not in text
+    huge = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 512, 32768, False)
+    assert "\n\n⚠️ **Training memory**" in huge and "more than the" in huge and "gradient checkpointing" in huge
 
 
 def test_app_refuses_to_expose_without_auth():
