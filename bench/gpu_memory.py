@@ -51,8 +51,8 @@ VARIANTS = {
     "ahead+bool loss": ("uniform", "ahead", {"loss": "bool"}),
     "ahead+clear_cache": ("uniform", "ahead", {"clear": True}),
     "ahead+limit 11 GB": ("uniform", "ahead", {"limit": 11}),
-    "ahead+limit 1.25x step 1": ("uniform", "ahead", {"factor": 1.25}),  # Trainer.bound_run_ahead's rule
-    "ahead+limit 1.1x step 1": ("uniform", "ahead", {"factor": 1.1}),
+    "ahead+limit 1.25x step 1": ("uniform", "ahead", {"factor": 1.25}),
+    "ahead+limit 1.1x step 1": ("uniform", "ahead", {"factor": 1.1}),  # Trainer.bound_run_ahead's rule
     "mixed ahead+limit 1.25x step 1": ("mixed", "ahead", {"factor": 1.25}),
     "one+bool loss": ("uniform", "one", {"loss": "bool"}),
     "mixed ahead": ("mixed", "ahead", {}),

@@ -26,8 +26,9 @@ from .fileio import remove_temp_files
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 
 # The memory limit set after step 1, as a multiple of step 1's peak: it bounds how far the host encodes ahead of
-# the GPU (bench/gpu_memory.py, H100: a limit of 1.26x kept 98.8% of the unbounded speed at 11.0 GB, not 14.8 GB).
-RUN_AHEAD_MEMORY = 1.25
+# the GPU (bench/gpu_memory.py on an H200, uniform 8 x 512: unbounded 13.2 GB at 110.9k tok/s; 1.25x 10.7 GB;
+# 1.1x 9.6 GB at 113.0k tok/s, below mlx-lm train()'s 9.9 GB; one run each, see bench/RESULTS.md).
+RUN_AHEAD_MEMORY = 1.1
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
 # How MLX (Metal, CUDA, CPU malloc) and the C++ runtime word an allocation failure.
 OOM_MARKS = ("out of memory", "outofmemory", "insufficient memory", "unable to allocate", "attempting to allocate",
