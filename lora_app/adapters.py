@@ -123,6 +123,87 @@ def load_adapter(model: Any, folder: Path) -> tuple[LoraConfig, LoraTargets]:
     return lora, targets
 
 
+def adapter_folder(path: str | Path) -> Path:
+    """An adapter folder, given as the folder or as the path of its weights file."""
+    path = Path(path).expanduser()
+    return path.parent if path.suffix == ".safetensors" else path
+
+
+def init_from_adapter(model: Any, path: str | Path, lora: LoraConfig, targets: LoraTargets,
+                      base_model: str = "") -> tuple[Path, list[str]]:
+    """Load an adapter's weights into `model`, which already has this run's LoRA layers (`lora`, `targets`), to
+    continue training it. Rank, blocks and modules must match, and every tensor's name and shape; returns the
+    folder and warnings (a different scale or base model name)."""
+    import mlx.core as mx
+
+    from .lora import resolve_targets
+    from .models import blocks_of, linear_modules
+    from .peft_format import PEFT_WEIGHTS, from_peft_tensors, is_peft_folder, peft_lora_config, read_peft_config
+
+    folder = adapter_folder(path)
+    try:
+        if is_peft_folder(folder):  # converted to mlx-lm names and orientation, then the same checks
+            config = read_peft_config(folder)
+            weights = from_peft_tensors(read_tensors(folder / PEFT_WEIGHTS), folder)
+            theirs = peft_lora_config(config, weights, folder)
+            base = config.get("base_model_name_or_path") or ""
+        else:
+            config = read_adapter_config(folder)
+            weights = read_tensors(folder / ADAPTER_FILE)
+            theirs = lora_config_from(config, len(blocks_of(model)))
+            theirs.modules = theirs.modules or list(linear_modules(blocks_of(model)[0]))
+            base = config.get("lora_app", {}).get("base_model") or config.get("model") or ""
+    except AdapterError as e:
+        raise AdapterError(f"init_adapter: {e}") from None
+    made_for = f"made for {base}" if base else "base model unknown"
+    try:
+        wanted = resolve_targets(model, theirs)
+    except LoraError as e:
+        raise AdapterError(f"init_adapter {folder}: the adapter does not fit this model ({e}); {made_for}") from None
+    problems = []
+    if theirs.rank != lora.rank:
+        problems.append(f"rank {theirs.rank} (this run: {lora.rank})")
+    if wanted.blocks != targets.blocks:
+        problems.append(f"blocks {wanted.blocks} (this run: {targets.blocks})")
+    if wanted.modules != targets.modules:
+        problems.append(f"modules {', '.join(wanted.modules)} (this run: {', '.join(targets.modules)})")
+    if problems:
+        raise AdapterError(f"init_adapter {folder}: the adapter has {'; '.join(problems)}; set this run's rank, "
+                           "modules and layers to the adapter's, or start without init_adapter")
+    expected = adapter_tensors(model)
+    try:
+        check_weights(weights, expected, folder, {"lora_parameters": {"rank": theirs.rank}, "model": base})
+    except AdapterError as e:  # one line: the first mismatch and how many more
+        head, *lines = str(e).splitlines()
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise AdapterError(f"init_adapter {head} {lines[0].strip() if lines else ''}{more}") from None
+    model.load_weights([(k, w.astype(expected[k].dtype)) for k, w in weights.items()], strict=False)
+    mx.eval(model.parameters())
+    warnings = []
+    if abs(theirs.alpha / theirs.rank - lora.alpha / lora.rank) > 1e-6 * (lora.alpha / lora.rank):
+        warnings.append(f"init_adapter {folder}: the adapter was trained with scale {theirs.alpha / theirs.rank:g} "
+                        f"(alpha {theirs.alpha:g}), this run uses {lora.alpha / lora.rank:g} (alpha {lora.alpha:g}), "
+                        "so it does not start from the adapter's model")
+    if base and base_model and same_place(base) != same_place(base_model):
+        warnings.append(f"init_adapter {folder}: the adapter was made for {base}; this run trains {base_model}")
+    return folder, warnings
+
+
+def read_tensors(path: Path) -> dict:
+    import mlx.core as mx
+
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
+        raise AdapterError(f"{path}: cannot be read ({e})") from None
+
+
+def same_place(name: str) -> str:
+    """A model name for comparison: paths resolved (a repo id stays as it is)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def check_weights(weights: dict, expected: dict, folder: Path, config: dict) -> None:
     problems = []
     for name in sorted(set(expected) - set(weights)):

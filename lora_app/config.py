@@ -44,6 +44,11 @@ class LoraConfig:
     layers: str = field(
         default="all", metadata={"help": "Blocks to adapt: all, last:N, A-B (inclusive) or a list like 0,2,5."}
     )
+    init_adapter: str = field(
+        default="",
+        metadata={"help": "Adapter folder (ours, mlx_lm.lora's or PEFT) or its .safetensors file whose weights "
+                          "this run starts from; its rank, modules and blocks must match."},
+    )
 
 
 @dataclass
@@ -224,7 +229,7 @@ def coerce(f, value: Any) -> Any:
 
 # mlx-lm keys with no meaning for us (kept so its YAML files load unchanged).
 IGNORED_MLX_LM_KEYS = {
-    "train", "test", "test_batches", "fine_tune_type", "adapter_path", "resume_adapter_file", "config",
+    "train", "test", "test_batches", "fine_tune_type", "adapter_path", "config",
     "grad_accumulation_steps", "clear_cache_threshold", "report_to", "project_name", "trust_remote_code",
     "optimizer_config", "wandb", "hf_dataset",
 }
@@ -253,6 +258,9 @@ def translate_mlx_lm_keys(flat: dict[str, Any]) -> dict[str, Any]:
         flat["lr_schedule"] = schedule
     if "steps_per_save" in flat:
         flat.setdefault("save_every", flat.pop("steps_per_save"))
+    resume_file = flat.pop("resume_adapter_file", None)  # mlx-lm: start from these weights
+    if resume_file:
+        flat.setdefault("init_adapter", resume_file)
     return flat
 
 
@@ -284,6 +292,9 @@ def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dic
             "arguments": [config.train.learning_rate, max(total - config.train.warmup, 1), 0.0],
             "warmup": config.train.warmup,
         }
+    if config.lora.init_adapter:  # mlx-lm wants the weights file; ours takes the folder or the file
+        path = config.lora.init_adapter
+        out["resume_adapter_file"] = path if path.endswith(".safetensors") else str(Path(path) / "adapters.safetensors")
     return out
 
 
