@@ -16,7 +16,7 @@ from . import runs
 from .config import SECTIONS, ConfigError, RunConfig, TrainConfig, field_help, load_config_file
 
 USAGE_ERROR = 2
-PREPARED_FILES = {"config.json", "train.log", "train.pid", "control"}
+PREPARED_FILES = {"config.json", "train.log", "train.pid", "control", "hosts.json", "launch.json"}  # app's launch
 
 
 class UserError(Exception):

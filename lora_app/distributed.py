@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, save_config_json
-from .runs import engine_env
+from .runs import TERMINAL, append_event, engine_env, run_state
 
 
 def check_hostfile(path: str) -> Path:
@@ -52,4 +52,9 @@ def launch(run_dir: Path, cfg: RunConfig, nproc: int, hostfile: str | None, resu
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         save_config_json(cfg, Path(run_dir) / "config.json")
     print("launching:", " ".join(command), flush=True)
-    return subprocess.run(command, env=engine_env()).returncode
+    code = subprocess.run(command, env=engine_env()).returncode
+    if code and run_state(run_dir).status not in TERMINAL:  # no rank said why (ssh failed, a bad hostfile, a crash)
+        message = f"mlx.launch exited with code {code} before the run ended; its output is in train.log"
+        append_event(Path(run_dir), "error", message=message)
+        append_event(Path(run_dir), "status", status="error", message=message)
+    return code

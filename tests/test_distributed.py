@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -36,6 +37,11 @@ def test_two_ring_processes_match_one(tiny_model, text_data, engine_env, tmp_pat
     assert len(losses(tmp_path / "two")) == 6
     assert [e["status"] for e in runs.read_events(tmp_path / "two") if e["event"] == "status"] == [
         "starting", "running", "done"]
+    # The `running` event says which hosts run the ranks (the app's Train step shows it).
+    running = [e for e in runs.read_events(tmp_path / "two") if e.get("status") == "running"]
+    assert running[0]["world_size"] == 2 and running[0]["hosts"] == [socket.gethostname()] * 2
+    alone = [e for e in runs.read_events(tmp_path / "one") if e.get("status") == "running"]
+    assert alone[0]["world_size"] == 1 and alone[0]["hosts"] == [socket.gethostname()]
 
 
 def test_launch_command_for_a_hostfile(tmp_path):
@@ -56,3 +62,15 @@ def test_bad_hostfile(content, message, tiny_model, text_data, engine_env, tmp_p
                              str(text_data), "--out", str(tmp_path / "r"), "--hosts", str(hostfile)],
                             env=engine_env, capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_launch_that_fails_before_training_ends_as_an_error(tiny_model, text_data, engine_env, tmp_path):
+    """mlx.launch refuses a ring hostfile without IPs; no rank starts, so the launcher records the error."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1"}, {"ssh": "127.0.0.1"}]))
+    result = subprocess.run([sys.executable, "-m", "lora_app", "train", "--model", str(tiny_model), "--data",
+                             str(text_data), "--out", str(tmp_path / "r"), "--hosts", str(hostfile)],
+                            env=engine_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "requires IPs" in result.stdout + result.stderr
+    state = runs.run_state(tmp_path / "r")
+    assert state.status == "error" and "mlx.launch exited with code" in state.message
