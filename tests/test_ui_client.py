@@ -133,6 +133,36 @@ def test_run_from_start_to_stop(app, tiny_model, text_data, tmp_path):
     assert base and tuned and not base.startswith("⚠️") and not tuned.startswith("⚠️")
 
 
+def test_two_processes_from_the_app(app, tiny_model, text_data):
+    """Start with 'N processes on this machine': mlx.launch runs 2 ranks, only rank 0 writes, the stats say so."""
+    from gradio_client import Client
+
+    url, runs_dir = app
+    client = Client(url, verbose=False)
+    wait_until(lambda: runs.active_run(runs_dir) is None, 60, "no other run to be training")
+    settings = form(model=str(tiny_model), data=str(text_data), iters=4, steps_per_report=1, steps_per_eval=2,
+                    save_every=2, batch_size=4, batching="padded", learning_rate=1e-3)
+    here = "N processes on this machine"
+    assert client.predict(*settings, here, 2, api_name="/command_preview").endswith("--nproc 2")
+    refused = client.predict("dp-bad", *settings, here, 64, "", api_name="/start")
+    assert "Processes: 64 is not between 2" in refused and not (runs_dir / "dp-bad").exists()
+    started = client.predict("dp", *settings, here, 2, "", api_name="/start")
+    assert "Started **dp** on 2 processes" in started
+
+    run_dir = runs_dir / "dp"
+    state = wait_until(lambda: (s := runs.run_state(run_dir)) and not s.alive and s, 300, "the run to end")
+    assert state.status == "done", (run_dir / "train.log").read_text()[-3000:]
+    # One writer: one adapter, one train event per step, and the choice recorded for Resume.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapters", "best", "checkpoints", "config.json",
+                                                        "events.jsonl", "launch.json", "train.log", "train.pid"]
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["adapter_config.json",
+                                                                       "adapters.safetensors"]
+    assert [e["step"] for e in runs.read_events(run_dir) if e["event"] == "train"] == [1, 2, 3, 4]
+    assert (run_dir / "launch.json").read_text().strip() == '{"nproc": 2}'
+    stats = client.predict(api_name="/poll")[1]
+    assert f"**2 processes**: {socket.gethostname()} ×2" in stats
+
+
 def test_bad_inputs_get_messages_not_tracebacks(app, tmp_path):
     from gradio_client import Client
 

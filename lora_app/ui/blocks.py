@@ -63,8 +63,9 @@ def wire(ctx, m, a, d, t, p, s, r, c, info, form) -> None:
     p.refresh.click(choices, None, p.adapter, api_name="refresh_test_adapters")
     s.use.click(lambda x: gr.update(choices=adapter_choices(ctx.runs_dir), value=x), s.adapter, p.adapter,
                 api_name="test_adapter")
-    s.load.click(save_step.settings_from_adapter, s.adapter, [a.rank, a.alpha, a.dropout, a.modules, a.layers,
-                                                              m.model], api_name="load_adapter_settings")
+    s.load.click(save_step.settings_from_adapter, [s.adapter, info],
+                 [a.rank, a.alpha, a.dropout, a.modules, a.layers, m.model, t.init_adapter],
+                 api_name="load_adapter_settings")
     runs_step.wire(ctx, r, c, t.current)
     # A finished run shows up in the lists without a manual refresh.
     t.current.change(lambda: (runs_frame(ctx.runs_dir), gr.update(choices=adapter_choices(ctx.runs_dir))),

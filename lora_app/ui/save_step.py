@@ -70,13 +70,15 @@ def export_adapter(folder: str | None, fmt: str, out: str, dequantize: bool) -> 
     return f"{fmt}: {result}"
 
 
-def settings_from_adapter(folder: str | None) -> tuple:
-    """rank, alpha, dropout, modules, layers, model from an adapter's config (ours or mlx_lm's)."""
+def settings_from_adapter(folder: str | None, info: dict | None = None) -> tuple:
+    """rank, alpha, dropout, modules, layers, model from an adapter's config (ours or mlx_lm's), and the folder
+    itself as init_adapter, so the next run continues training the adapter's weights."""
+    path = Path(folder or "").expanduser()
     try:
-        config = read_adapter_config(Path(folder or "").expanduser())
+        config = read_adapter_config(path)
     except AdapterError as e:
         gr.Warning(f"Load settings: {e}")
-        return (gr.skip(),) * 6
+        return (gr.skip(),) * 7
     p, ours = config["lora_parameters"], config.get("lora_app") or {}
     rank = int(p["rank"])
     if ours:
@@ -85,10 +87,16 @@ def settings_from_adapter(folder: str | None) -> tuple:
         modules = [k.split(".", 3)[-1] if k.startswith("model.layers.") else k for k in p.get("keys") or []]
         n = int(config.get("num_layers", -1))
         layers = "all" if n < 0 else f"last:{n}"
+    if not modules:  # mlx_lm.lora without keys adapts every linear module of a block
+        modules = list((info or {}).get("linear_modules") or [])
+        if not modules:
+            gr.Warning("Load settings: the adapter adapts every linear module; inspect the model (step 1), "
+                       "then tick them all in step 2")
     model = config.get("model") or ours.get("base_model") or gr.skip()
-    gr.Info(f"Loaded the adapter's settings: rank {rank}, modules {', '.join(modules)}")
+    gr.Info(f"Loaded the adapter's settings and weights: rank {rank}, modules {', '.join(modules) or 'all'}; "
+            "the next run starts from it")
     return (rank, float(ours.get("alpha", p["scale"] * rank)), float(p.get("dropout", 0.0)),
-            gr.update(value=sorted(set(modules))), layers, model)
+            gr.update(value=sorted(set(modules))) if modules else gr.skip(), layers, model, str(path))
 
 
 def build(ctx: Context) -> SimpleNamespace:
@@ -101,7 +109,7 @@ def build(ctx: Context) -> SimpleNamespace:
     about = gr.Markdown("Choose an adapter.")
     with gr.Row():
         use = gr.Button("Test it (step 5)")
-        load = gr.Button("Load its settings into the form (to continue with them)")
+        load = gr.Button("Continue training it: load its settings and weights into the form", elem_id="load-adapter")
     with gr.Row():
         dest = gr.Textbox(label="Save a copy to folder (mlx-lm layout)", scale=3)
         save = gr.Button("Save", variant="primary", scale=0)

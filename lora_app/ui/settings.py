@@ -19,7 +19,7 @@ FORM_KEYS = (
     "data", "data_format", "valid_fraction", "mask_prompt", "skip_bad_rows",
     "iters", "epochs", "batch_size", "learning_rate", "warmup", "lr_schedule", "max_seq_length", "batching",
     "steps_per_report", "steps_per_eval", "val_batches", "save_every", "seed", "grad_checkpoint",
-    "early_stop_patience", "early_stop_min_delta", "probe_prompts", "probe_max_tokens",
+    "early_stop_patience", "early_stop_min_delta", "probe_prompts", "probe_max_tokens", "init_adapter",
 )
 DEQUANTIZE = {"auto": None, "yes": True, "no": False}
 
@@ -31,7 +31,7 @@ def form_to_flat(values: dict[str, Any]) -> dict[str, Any]:
     prompts = values.get("probe_prompts") or ""
     if isinstance(prompts, str):
         flat["probe_prompts"] = [line.strip() for line in prompts.splitlines() if line.strip()]
-    for key in ("model", "data", "layers"):
+    for key in ("model", "data", "layers", "init_adapter"):  # an empty init_adapter: start from a fresh adapter
         if isinstance(flat.get(key), str):
             flat[key] = flat[key].strip()
     return flat
@@ -101,8 +101,9 @@ def export_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(to_mlx_lm_yaml_dict(config), sort_keys=False)
 
 
-def command_preview(config: RunConfig, out: str = "runs/<name>") -> str:
-    """The equivalent CLI command: model, data and every setting that differs from its default."""
+def command_preview(config: RunConfig, out: str = "runs/<name>", extra: list[str] | None = None) -> str:
+    """The equivalent CLI command: model, data, every setting that differs from its default, then `extra`
+    (the data-parallel launch: --nproc N or --hosts FILE)."""
     defaults = field_defaults()
     flat = config.to_flat()
     args = ["python", "-m", "lora_app", "train", "--model", flat["model"], "--data", flat["data"]]
@@ -118,4 +119,4 @@ def command_preview(config: RunConfig, out: str = "runs/<name>") -> str:
             args += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
         else:
             args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return " ".join(shlex.quote(a) for a in args + ["--out", out])
+    return " ".join(shlex.quote(a) for a in args + ["--out", out] + list(extra or []))

@@ -79,7 +79,8 @@ def stats_markdown(state: runs.RunState, events: list[dict]) -> str:
     parts = [
         f"**train loss** {fmt(state.train_loss, '.4f')}",
         f"**valid loss** {fmt(state.val_loss, '.4f')}",
-        f"**best** {fmt(state.best_val_loss, '.4f')}" + (f" @ {state.best_step}" if state.best_step else ""),
+        f"**best** {fmt(state.best_val_loss, '.4f')}"
+        + (f" @ {state.best_step}" if state.best_step is not None else ""),  # step 0: a starting adapter
         f"**learning rate** {fmt(t.get('learning_rate'), '.2e')}",
         f"**tokens/s** {fmt(t.get('tokens_per_second'), ',.0f')}",
         f"**peak memory** {fmt(t.get('peak_memory_gb'), '.2f')} GB",
@@ -87,10 +88,26 @@ def stats_markdown(state: runs.RunState, events: list[dict]) -> str:
     ]
     if first:
         parts.append(f"**first step** {first['seconds']:.1f}s (load + compile)")
+    processes = processes_line(events)
+    if processes:
+        parts.insert(0, processes)
     text = " · ".join(parts)
     if state.message:
         text += f"\n\n{state.status}: {state.message}"
     return text
+
+
+def processes_line(events: list[dict]) -> str:
+    """'**2 processes**: mac-a, mac-b ×2' from the latest `running` status (data-parallel runs only)."""
+    running = next((e for e in reversed(events) if e["event"] == "status" and e.get("status") == "running"), {})
+    size, hosts = running.get("world_size") or 1, running.get("hosts") or []
+    if size < 2:
+        return ""
+    counts: dict[str, int] = {}
+    for host in hosts:
+        counts[host] = counts.get(host, 0) + 1
+    where = ", ".join(html.escape(h) + (f" ×{n}" if n > 1 else "") for h, n in counts.items())
+    return f"**{size} processes**" + (f": {where}" if where else "")
 
 
 def fmt(value: object, spec: str) -> str:

@@ -11,7 +11,7 @@ import gradio as gr
 
 from .. import runs
 from ..config import ConfigError, save_config_json
-from . import timeline
+from . import launch, timeline
 from .context import Context
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
@@ -22,7 +22,8 @@ ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
 # ---- handlers ------------------------------------------------------------------------------------------
 
 def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
-    """Write the run folder and start its training process; refused while another run is active."""
+    """Write the run folder and start its training process; refused while another run is active.
+    `values`: the form (FORM_KEYS), then the launch choice (mode, processes, hostfile, hosts)."""
     active = runs.active_run(ctx.runs_dir)
     if active:
         gr.Warning(ONE_RUN.format(name=active.name))
@@ -32,11 +33,18 @@ def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
     except ConfigError as e:
         gr.Warning(f"Settings: {e}")
         return gr.skip(), f"⚠️ Settings: {e}"
+    mode, nproc, hostfile, hosts = (*values[len(FORM_KEYS):], launch.MODES[0], 2, None, "")[:4]
+    try:
+        choice = launch.check_launch(mode, nproc, hostfile, hosts, config.train.batch_size)
+    except ConfigError as e:
+        gr.Warning(str(e))
+        return gr.skip(), f"⚠️ {e}"
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in (name or "").strip()).strip(".")
     run_dir = runs.new_run_dir(ctx.runs_dir, safe or None)
     save_config_json(config, run_dir / "config.json")
-    runs.start_training(run_dir)
-    return run_dir.name, f"Started **{run_dir.name}** (folder `{run_dir}`)."
+    runs.start_training(run_dir, extra=launch.save_launch(run_dir, choice))
+    where = f" on {choice.world_size} processes" if choice.world_size > 1 else ""
+    return run_dir.name, f"Started **{run_dir.name}**{where} (folder `{run_dir}`)."
 
 
 def control_run(ctx: Context, current: str, action: str) -> str:
@@ -60,7 +68,7 @@ def resume_run(ctx: Context, current: str) -> tuple[str, str]:
     if state.status == "done":
         gr.Warning(f"Resume: {current} is finished; raise Iterations and start a new run instead.")
         return gr.skip(), f"⚠️ {current} is finished."
-    runs.start_training(state.path, resume=True)
+    runs.start_training(state.path, resume=True, extra=launch.launch_args(state.path))  # as it was started
     return current, f"Resuming **{current}** from its newest checkpoint."
 
 
@@ -95,9 +103,18 @@ def plot_update(frame) -> dict:
     return gr.update(value=frame, colors_in_legend=sorted(set(frame["series"])))
 
 
+def launch_fields(mode: str) -> tuple:
+    """Show the field that goes with the chosen way to run."""
+    return (gr.update(visible=mode == launch.MODES[1]), gr.update(visible=mode == launch.MODES[2]),
+            gr.update(visible=mode == launch.MODES[3]))
+
+
 def preview_command(*values) -> str:
+    """`values`: the form (FORM_KEYS), then the launch mode and the number of processes."""
+    mode, nproc = (*values[len(FORM_KEYS):], launch.MODES[0], 2)[:2]
     try:
-        return command_preview(form_to_config(dict(zip(FORM_KEYS, values))))
+        return command_preview(form_to_config(dict(zip(FORM_KEYS, values))),
+                               extra=launch.preview_args(mode, nproc))
     except ConfigError as e:
         return f"# settings not valid yet: {e}"
 
@@ -157,6 +174,25 @@ def build() -> SimpleNamespace:
             c.probe_max_tokens = gr.Number(32, precision=0, label="Probe answer tokens")
         c.probe_prompts = gr.Textbox("", lines=3, label="Sample probes: up to 5 prompts, one per line, answered "
                                      "greedily at each evaluation")
+        c.init_adapter = gr.Textbox("", label="Start from adapter (optional: continue training an adapter)",
+                                    placeholder="an adapter folder (ours, mlx_lm.lora's or PEFT); its rank, modules "
+                                    "and blocks must match step 2. Step 6's 'Continue training it' fills this in.",
+                                    elem_id="init-adapter")
+    with gr.Accordion("Several processes or machines (data-parallel)", open=False):
+        gr.Markdown("Each process takes an equal share of every batch and the gradients are averaged "
+                    "(`mlx.launch`). Only the first host writes the run folder, so list this machine first "
+                    "(`127.0.0.1` or its address). Other machines need ssh without a password and this project, "
+                    "the model and the data at the same paths (README: Several machines).")
+        with gr.Row():
+            c.launch_mode = gr.Radio(list(launch.MODES), value=launch.MODES[0], label="Run on",
+                                     elem_id="launch-mode", scale=2)
+            c.nproc = gr.Number(2, precision=0, label="Processes on this machine", visible=False,
+                                elem_id="nproc")
+        c.hostfile = gr.File(label="mlx.launch hostfile (JSON)", file_types=[".json"], type="filepath",
+                             visible=False, elem_id="hostfile")
+        c.hosts = gr.Textbox("", lines=3, label="Hosts, one per line (mac1.local or user@10.0.0.2); this "
+                             "machine first", visible=False, elem_id="hosts")
+        c.hostfile_path = gr.State(None)  # Start reads the upload from here: a File input has no API default
     with gr.Row():
         c.run_name = gr.Textbox("", label="Run name (optional)", scale=2)
         c.start = gr.Button("Start", variant="primary", elem_id="start", scale=1)
@@ -187,15 +223,19 @@ def build() -> SimpleNamespace:
 
 
 def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
-    c.start.click(lambda name, *v: start_run(ctx, name, *v), [c.run_name, *form], [c.current, c.message],
-                  api_name="start")
+    parallel = [c.launch_mode, c.nproc, c.hostfile_path, c.hosts]
+    c.start.click(lambda name, *v: start_run(ctx, name, *v), [c.run_name, *form, *parallel],
+                  [c.current, c.message], api_name="start")
+    c.launch_mode.change(launch_fields, c.launch_mode, [c.nproc, c.hostfile, c.hosts], api_name="launch_mode",
+                         show_progress="hidden")
+    c.hostfile.change(lambda path: path, c.hostfile, c.hostfile_path, api_name="hostfile", show_progress="hidden")
     c.stop.click(lambda cur: control_run(ctx, cur, "stop"), c.current, c.message, api_name="stop")
     c.pause.click(lambda cur: control_run(ctx, cur, "pause"), c.current, c.message, api_name="pause")
     c.resume.click(lambda cur: resume_run(ctx, cur), c.current, [c.current, c.message], api_name="resume")
     live = [c.progress, c.stats, c.plot, c.samples, c.log, c.showing, c.seen]
     c.timer.tick(lambda cur, seen: poll(ctx, cur, seen), [c.current, c.seen], live, api_name="poll",
                  show_progress="hidden")
-    gr.on([x.change for x in form], preview_command, form, c.command, api_name="command_preview",
-          show_progress="hidden")
+    gr.on([x.change for x in [*form, c.launch_mode, c.nproc]], preview_command, [*form, c.launch_mode, c.nproc],
+          c.command, api_name="command_preview", show_progress="hidden")
     c.export.click(export_settings, form, c.export_file, api_name="export_settings_yaml")
     c.import_file.upload(import_settings, [c.import_file, info], form, api_name="import_yaml")
