@@ -48,10 +48,31 @@ def run_cli(values: list, run_dir: Path, env: dict) -> float:
     return steady_tokens_per_second(run_dir)
 
 
-def run_app(client, values: list, runs_dir: Path, name: str) -> tuple[float, list[float]]:
-    """Start from the app, poll like the page until the run ends; (tokens/s, plot delays in s)."""
+def app_pid(runs_dir: Path) -> int:
+    """The app server's process id (its command line names our runs folder)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"app.py" in cmdline and str(runs_dir).encode() in cmdline:
+            return int(proc.name)
+    raise RuntimeError("the app server's process was not found")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple[float, list[float]]:
+    """Start from the app, poll like the page until the run ends; (tokens/s, plot delays in s). Adds the CPU
+    seconds the app server and this poller used, and the wall time, to `cpu`."""
     from test_ui_client import plot_points
 
+    server, wall, mine = app_pid(runs_dir), time.time(), time.process_time()
+    served = cpu_seconds(server)
     client.predict(name, *values, api_name="/start")
     run_dir = runs_dir / name
     seen_at: dict[int, float] = {}  # step -> when a poll first returned its train point
@@ -65,6 +86,9 @@ def run_app(client, values: list, runs_dir: Path, name: str) -> tuple[float, lis
         if state.status in runs.TERMINAL | {"interrupted"} and not state.alive:
             break
         time.sleep(max(0.0, 1.0 - (time.time() - now)))
+    cpu["server"] = cpu.get("server", 0.0) + cpu_seconds(server) - served
+    cpu["poller"] = cpu.get("poller", 0.0) + time.process_time() - mine
+    cpu["wall"] = cpu.get("wall", 0.0) + time.time() - wall
     assert state.status == "done", f"{name}: {state.status}, see {run_dir / 'train.log'}"
     # the last poll happens after the end: every point has been seen by then
     delays = [seen_at[e["step"]] - e["time"] for e in runs.read_events(run_dir)
@@ -94,19 +118,20 @@ def main() -> None:
     env = runs.engine_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
 
-    cli_rates, app_rates, delays = [], [], []
+    cli_rates, app_rates, delays, cpu = [], [], [], {}
     runs_dir = out / "app-runs"
     with running_app(runs_dir, env) as url:
         client = Client(url, verbose=False)
         for i in range(args.repeats):
             cli_rates.append(run_cli(values, out / "cli" / f"run{i}", env))
-            rate, d = run_app(client, values, runs_dir, f"run{i}")
+            rate, d = run_app(client, values, runs_dir, f"run{i}", cpu)
             app_rates.append(rate)
             delays += d
             print(f"repeat {i}: CLI {cli_rates[-1]:,.0f} tok/s, app {rate:,.0f} tok/s, "
                   f"plot delay max {max(d):.2f} s", flush=True)
 
     cli_med, app_med = statistics.median(cli_rates), statistics.median(app_rates)
+    paired = statistics.median((a / c - 1) * 100 for c, a in zip(cli_rates, app_rates))
     text = (f"\n### UI overhead (`bench/ui_overhead.py`) — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
             f"{platform.system()}, {os.cpu_count()} CPU cores\n\n"
             f"Command: `.venv/bin/python bench/ui_overhead.py {' '.join(sys.argv[1:])}`  \n"
@@ -115,8 +140,13 @@ def main() -> None:
             "| run | CLI tokens/s | app tokens/s |\n|---|---:|---:|\n"
             + "".join(f"| {i} | {c:,.0f} | {a:,.0f} |\n" for i, (c, a) in enumerate(zip(cli_rates, app_rates)))
             + f"| **median** | **{cli_med:,.0f}** | **{app_med:,.0f}** ({(app_med / cli_med - 1) * 100:+.1f}%) |\n\n"
-            f"Plot update after the train report: mean {statistics.mean(delays):.2f} s, "
-            f"max {max(delays):.2f} s over {len(delays)} reports.\n")
+            f"App vs the CLI run just before it: median {paired:+.1f}% (each pair: "
+            f"{', '.join(f'{(a / c - 1) * 100:+.1f}%' for c, a in zip(cli_rates, app_rates))}).\n"
+            f"\nPlot update after the train report: mean {statistics.mean(delays):.2f} s, "
+            f"max {max(delays):.2f} s over {len(delays)} reports. CPU used while the app's runs trained: the app "
+            f"server {cpu['server'] / cpu['wall'] * 1000:.0f} ms per second, the poller (gradio_client, standing in "
+            f"for the browser) {cpu['poller'] / cpu['wall'] * 1000:.0f} ms per second, of the "
+            f"{os.cpu_count() * 1000} ms per second this machine has.\n")
     print(text)
     if args.write:
         with open(args.write, "a", encoding="utf-8") as f:

@@ -207,3 +207,14 @@ def test_log_tail_and_event_cache(tmp_path):
     with open(tmp_path / "events.jsonl", "a") as f:
         f.write(json.dumps({"event": "train", "step": 2, "loss": 0.5})[:10])  # a torn line waits
     assert len(cache.events(tmp_path)) == 1
+
+
+def test_calm_queue_slows_gradios_idle_polling(tmp_path):
+    """Gradio's queue loop wakes every 1 ms when idle; the app slows it (a gradio upgrade that renames the
+    attributes fails here rather than silently bringing back the idle CPU use)."""
+    from lora_app.ui.blocks import build_app
+
+    demo = build_app(tmp_path / "runs").queue()
+    assert demo._queue.sleep_when_free < 0.05
+    cli.calm_queue(demo)
+    assert demo._queue.sleep_when_free == 0.05 and demo._queue.progress_update_sleep_when_free == 0.1

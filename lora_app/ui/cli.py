@@ -62,8 +62,20 @@ def main(argv: list[str] | None = None) -> None:
     from .blocks import CSS_PATH, build_app
 
     demo = build_app(args.runs_dir, args.models_dir)
-    demo.queue(default_concurrency_limit=4).launch(
+    demo.queue(default_concurrency_limit=4)
+    calm_queue(demo)
+    demo.launch(
         server_name=args.host, server_port=args.port, auth=auth, share=args.share,
         inbrowser=not args.no_browser, theme=gr.themes.Soft(), css_paths=[CSS_PATH] if CSS_PATH.exists() else None,
         footer_links=["api"],
     )
+
+
+def calm_queue(demo) -> None:
+    """Gradio's queue loop polls for work every 1 ms off Windows (every 50 ms on Windows): ~45 ms of CPU per second
+    with nobody using the page, taken from a training run on a CPU-only machine (bench/ui_overhead.py). Its
+    Windows pacing costs at most 50 ms of latency per click, which nobody sees."""
+    queue = getattr(demo, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = max(queue.sleep_when_free, 0.05)
+        queue.progress_update_sleep_when_free = max(getattr(queue, "progress_update_sleep_when_free", 0), 0.1)

@@ -233,8 +233,10 @@ def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
     c.pause.click(lambda cur: control_run(ctx, cur, "pause"), c.current, c.message, api_name="pause")
     c.resume.click(lambda cur: resume_run(ctx, cur), c.current, [c.current, c.message], api_name="resume")
     live = [c.progress, c.stats, c.plot, c.samples, c.log, c.showing, c.seen]
+    # Off the queue: a poll is a quick read of the run folder, and the queue's messages cost the server (and the
+    # page) more CPU than the read itself, CPU that a CPU-only run needs (bench/ui_overhead.py).
     c.timer.tick(lambda cur, seen: poll(ctx, cur, seen), [c.current, c.seen], live, api_name="poll",
-                 show_progress="hidden")
+                 show_progress="hidden", queue=False)
     gr.on([x.change for x in [*form, c.launch_mode, c.nproc]], preview_command, [*form, c.launch_mode, c.nproc],
           c.command, api_name="command_preview", show_progress="hidden")
     c.export.click(export_settings, form, c.export_file, api_name="export_settings_yaml")
