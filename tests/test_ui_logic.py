@@ -37,6 +37,7 @@ def test_duration_and_eta():
     events = [ev("train", 100.0, step=10, loss=1), ev("train", 110.0, step=20, loss=1)]
     assert timeline.eta_seconds(events, 100) == pytest.approx(80.0)
     assert timeline.eta_seconds(events[:1], 100) is None
+    assert [timeline.memory_text(g) for g in (None, 0.0042, 0.5, 12.345)] == ["-", "4.2 MB", "500.0 MB", "12.35 GB"]
 
 
 def test_samples_timeline_has_base_first():
