@@ -268,3 +268,17 @@ def test_init_from_a_peft_export(run_a, tiny_model, tmp_path):
     init_from_adapter(model, peft, lora, apply_lora(model, lora, seed=0), str(tiny_model))
     saved = tensors(run_a / "adapters" / "adapters.safetensors")
     assert all(np.array_equal(np.array(v), saved[k]) for k, v in adapter_tensors(model).items())
+
+
+def test_continue_training_button_reads_peft_folders(run_a, tiny_model, tmp_path):
+    from lora_app.peft_format import export_peft
+    from lora_app.ui.save_step import settings_from_adapter
+
+    peft = export_peft(run_a / "adapters", tmp_path / "peft", str(tiny_model))
+    linear = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+              "self_attn.q_proj", "self_attn.v_proj"]
+    rank, alpha, dropout, modules, layers, model, init = settings_from_adapter(str(peft), {"linear_modules": linear})
+    ours = settings_from_adapter(str(run_a / "adapters"))
+    assert (rank, alpha, dropout, modules["value"], model, init) == (
+        ours[0], ours[1], ours[2], ours[3]["value"], str(tiny_model), str(peft))
+    assert layers in ("all", ours[4])  # the tiny model has 2 blocks, both adapted

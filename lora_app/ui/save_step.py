@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..adapters import AdapterError, read_adapter_config
+from ..peft_format import is_peft_folder, read_peft_config
 from . import engine
 from .context import Context
 from .runlist import adapter_choices
+from .settings import module_choices
 
 
 def adapter_markdown(folder: str | None) -> str:
@@ -75,6 +77,8 @@ def settings_from_adapter(folder: str | None, info: dict | None = None) -> tuple
     itself as init_adapter, so the next run continues training the adapter's weights."""
     path = Path(folder or "").expanduser()
     try:
+        if is_peft_folder(path):
+            return peft_settings(path, info)
         config = read_adapter_config(path)
     except AdapterError as e:
         gr.Warning(f"Load settings: {e}")
@@ -97,6 +101,28 @@ def settings_from_adapter(folder: str | None, info: dict | None = None) -> tuple
             "the next run starts from it")
     return (rank, float(ours.get("alpha", p["scale"] * rank)), float(p.get("dropout", 0.0)),
             gr.update(value=sorted(set(modules))) if modules else gr.skip(), layers, model, str(path))
+
+
+def peft_settings(path: Path, info: dict | None) -> tuple:
+    """settings_from_adapter for a PEFT folder, from its adapter_config.json (r, lora_alpha, target_modules,
+    layers_to_transform); the trainer checks them against the tensors before step 1."""
+    config = read_peft_config(path)
+    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r): the same scale as ours needs alpha * sqrt(r)
+        alpha *= rank ** 0.5
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    available = (info or {}).get("linear_modules")
+    modules = [m for m in module_choices(targets, available) if not available or m in available]
+    layers = config.get("layers_to_transform")
+    layers = ",".join(map(str, [layers] if isinstance(layers, int) else layers)) if layers else "all"
+    if not available:
+        gr.Warning("Load settings: inspect the model (step 1) so the PEFT target modules can be ticked in step 2")
+    gr.Info(f"Loaded the PEFT adapter's settings and weights: rank {rank}, modules {', '.join(targets)}; "
+            "the next run starts from it")
+    return (rank, alpha, float(config.get("lora_dropout", 0.0)),
+            gr.update(value=sorted(set(modules))) if modules else gr.skip(), layers,
+            config.get("base_model_name_or_path") or gr.skip(), str(path))
 
 
 def build(ctx: Context) -> SimpleNamespace:
