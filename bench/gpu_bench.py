@@ -83,15 +83,33 @@ def build_mlx_model(a, config: dict):
     return model
 
 
-def part_mlx_steps(a) -> None:
-    """Bare compiled steps: mlx-lm's train() step vs ours (padded, packed with a mask), q/v and all 7 modules."""
+def mlx_lm_compiled_step(model, opt) -> tuple:
+    """mlx-lm's training step exactly as its train() builds it (default_loss, value_and_grad, compiled over the
+    model, optimizer and random state); returns (step(batch, lengths) -> (loss, tokens), state)."""
     from functools import partial
 
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx_lm.tuner.trainer import default_loss
+
+    lvg = nn.value_and_grad(model, default_loss)
+    state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (lvalue, toks), grad = lvg(model, batch, lengths)
+        opt.update(model, grad)
+        return lvalue, toks
+
+    return step, state
+
+
+def part_mlx_steps(a) -> None:
+    """Bare compiled steps: mlx-lm's train() step vs ours (padded, packed with a mask), q/v and all 7 modules."""
+
+    import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
-    from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from lora_app.batching import Batch
@@ -115,15 +133,7 @@ def part_mlx_steps(a) -> None:
             "rank": 8, "scale": 2.0, "dropout": 0.0,
             "keys": [f"self_attn.{m}" if m[0] in "qkvo" else f"mlp.{m}" for m in modules]})
         opt = optim.AdamW(learning_rate=1e-5)
-        lvg = nn.value_and_grad(model, default_loss)
-        state = [model.state, opt.state, mx.random.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def their_step(batch, lengths):
-            (lvalue, toks), grad = lvg(model, batch, lengths)
-            opt.update(model, grad)
-            return lvalue, toks
-
+        their_step, state = mlx_lm_compiled_step(model, opt)
         model.train()
         batch = mx.array(tokens)
         lengths = mx.array([[0, T]] * B)

@@ -181,13 +181,11 @@ def variant(a) -> None:
 
 def run_mlxlm(a, tr, times: dict, setup_s: float) -> None:
     """mlx-lm's train() step on the same rows: their LoRA layers, default_loss, iterate_batches, eval per step."""
-    from functools import partial
-
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
+    from gpu_bench import mlx_lm_compiled_step
     from mlx_lm import load
-    from mlx_lm.tuner.trainer import default_loss, iterate_batches
+    from mlx_lm.tuner.trainer import iterate_batches
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     rows = [(t, 0) for t, _ in tr.data.train]
@@ -199,15 +197,7 @@ def run_mlxlm(a, tr, times: dict, setup_s: float) -> None:
     mx.reset_peak_memory()
     opt = optim.AdamW(learning_rate=1e-5)
     t0 = time.perf_counter()
-    lvg = nn.value_and_grad(model, default_loss)
-    state = [model.state, opt.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, lengths):
-        (lvalue, toks), grad = lvg(model, batch, lengths)
-        opt.update(model, grad)
-        return lvalue, toks
-
+    step, state = mlx_lm_compiled_step(model, opt)
     model.train()
     batches = iterate_batches(rows, a.batch, 1024, loop=True)
     t1 = time.perf_counter()
