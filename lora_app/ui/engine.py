@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import runs
+from ..memory import meminfo_available
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BACKEND_CODE = (
@@ -76,6 +77,11 @@ def backend() -> dict:
 
 
 def memory_available_gb() -> float | None:
+    """Memory the system can give now (Linux MemAvailable, as the trainer's own check reads it; else free
+    pages); None where the OS does not say (macOS: the trainer checks the GPU's working set itself)."""
+    available = meminfo_available()
+    if available:
+        return available / 1e9
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
     except (ValueError, OSError, AttributeError):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 from ..lora import LoraError, adapter_bytes, count_for, parse_layers
 from ..memory import MEMORY_ADVICE, estimate_training_memory
+from . import engine
 
 
 def human_bytes(n: float) -> str:
@@ -50,16 +49,9 @@ def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int
     if not grad_checkpoint and est["activations_checkpointed"] < est["activations"]:
         saved = est["total"] - est["activations"] + est["activations_checkpointed"]
         text += f"; with gradient checkpointing about {human_bytes(saved)}"
-    available = available_bytes()
+    free_gb = engine.memory_available_gb()
+    available = free_gb * 1e9 if free_gb else 0
     if available and est["total"] > available:
         text = f"⚠️ {text}. That is more than the {human_bytes(available)} of memory available now: {MEMORY_ADVICE}"
     return text
 
-
-def available_bytes() -> int | None:
-    """Memory the system has free now (Linux); None where the OS does not say (macOS: the trainer checks
-    the GPU's working set itself before step 1)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
