@@ -113,10 +113,7 @@ def load_adapter(model: Any, folder: Path) -> tuple[LoraConfig, LoraTargets]:
     except LoraError as e:
         base = config.get("lora_app", {}).get("base_model") or config.get("model", "another model")
         raise AdapterError(f"{folder}: adapter does not fit this model ({e}); it was made for {base}") from None
-    try:
-        weights = mx.load(str(folder / ADAPTER_FILE))
-    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
-        raise AdapterError(f"{folder / ADAPTER_FILE}: cannot be read ({e})") from None
+    weights = read_tensors(folder / ADAPTER_FILE)
     check_weights(weights, adapter_tensors(model), folder, config)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())

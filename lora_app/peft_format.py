@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .adapters import ADAPTER_FILE, CONFIG_FILE, AdapterError, check_weights, read_adapter_config
+from .adapters import ADAPTER_FILE, CONFIG_FILE, AdapterError, check_weights, read_adapter_config, read_tensors
 from .config import LoraConfig
 from .fileio import atomic_write, atomic_write_json
 from .lora import LoraError, LoraTargets, adapter_tensors, apply_lora
@@ -146,12 +146,7 @@ def load_peft(model: Any, folder: Path) -> tuple[LoraConfig, LoraTargets]:
 
     folder = Path(folder)
     config = read_peft_config(folder)
-    try:
-        weights = from_peft_tensors(mx.load(str(folder / PEFT_WEIGHTS)), folder)
-    except AdapterError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
-        raise AdapterError(f"{folder / PEFT_WEIGHTS}: cannot be read ({e})") from None
+    weights = from_peft_tensors(read_tensors(folder / PEFT_WEIGHTS), folder)
     lora = peft_lora_config(config, weights, folder)
     base = config.get("base_model_name_or_path") or "another model"
     try:
