@@ -13,6 +13,7 @@ gets no weight gradients): 2 × 2 × (linear parameters incl. the LM head) + cau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import subprocess
@@ -140,22 +141,38 @@ def part_mlx_steps(a) -> None:
         run_case(f"mlx-lm compiled step, {tag}", lambda: their_step(batch, lengths), state, a, B * T)
         del model, opt, state, their_step
 
-        # ours: Trainer.compiled_step on our batches
-        model = build_mlx_model(a, config)
-        apply_lora(model, LoraConfig(modules=modules), seed=0)
-        t = Trainer.__new__(Trainer)
-        t.model, t.cfg = model, RunConfig()
-        t.optimizer = build_optimizer(t.cfg, 1000)
-        t.optimizer.init(model.trainable_parameters())
-        step, state = t.compiled_step()
-        model.train()
-        cases = [("padded/causal", Batch(tokens, weights))]
+        # ours: Trainer.compiled_step on our batches; our LoRA layer (bf16 low-rank path) and mlx-lm's (float32)
+        cases = [("padded/causal", Batch(tokens, weights), False), ("padded/causal, float32 LoRA path",
+                                                                     Batch(tokens, weights), True)]
         if tag == "q/v":
-            cases.append(("packed, 4 seqs/row (mask)", Batch(tokens, weights, seg)))
-        for name, b in cases:
+            cases.append(("packed, 4 seqs/row (mask)", Batch(tokens, weights, seg), False))
+        for name, b, float32_path in cases:
+            model = build_mlx_model(a, config)
+            with float32_lora_path(float32_path):
+                apply_lora(model, LoraConfig(modules=modules), seed=0)
+            t = Trainer.__new__(Trainer)
+            t.model, t.cfg = model, RunConfig()
+            t.optimizer = build_optimizer(t.cfg, 1000)
+            t.optimizer.init(model.trainable_parameters())
+            step, state = t.compiled_step()
+            model.train()
             arrays = batch_arrays(b)
             run_case(f"ours compiled step, {tag}, {name}", lambda: step(*arrays), state, a, B * T)
-        del model, t, step, state
+            del model, t, step, state
+
+
+@contextlib.contextmanager
+def float32_lora_path(on: bool = True):
+    """apply_lora with mlx-lm's own LoRALinear (float32 low-rank path) instead of ours, for comparisons."""
+    import lora_app.lora_layer as layer
+    from mlx_lm.tuner.lora import LoRALinear
+
+    ours = layer.LoRALinear
+    layer.LoRALinear = LoRALinear if on else ours
+    try:
+        yield
+    finally:
+        layer.LoRALinear = ours
 
 
 def run_case(name: str, call, state, a, tokens: int) -> None:

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # name: (data, loop mode, options); options: limit (GB memory limit), factor (limit = factor x step 1's peak),
 # clear (clear_cache at reports),
-# loss ("bool": bool weights, no maximum), ptx ("cold": a fresh MLX_PTX_CACHE_DIR for this process)
+# loss ("bool": bool weights, no maximum), ptx ("cold": a fresh MLX_PTX_CACHE_DIR for this process),
+# lora ("float32": mlx-lm's LoRALinear, the float32 low-rank path, instead of ours), lr, seed
 VARIANTS = {
     "mlxlm cold": ("uniform", "mlxlm", {"ptx": "cold"}),
     "ahead cold": ("uniform", "ahead", {"ptx": "cold"}),
@@ -54,6 +55,15 @@ VARIANTS = {
     "ahead+limit 1.25x step 1": ("uniform", "ahead", {"factor": 1.25}),
     "ahead+limit 1.1x step 1": ("uniform", "ahead", {"factor": 1.1}),  # Trainer.bound_run_ahead's rule
     "mixed ahead+limit 1.25x step 1": ("mixed", "ahead", {"factor": 1.25}),
+    "mixed ahead+limit 1.1x step 1": ("mixed", "ahead", {"factor": 1.1}),
+    "ahead+limit 1.1x step 1 (float32 LoRA path)": ("uniform", "ahead", {"factor": 1.1, "lora": "float32"}),
+    "mixed ahead+limit 1.1x step 1 (float32 LoRA path)": ("mixed", "ahead", {"factor": 1.1, "lora": "float32"}),
+    # loss curves at a learning rate that moves them in 40 steps: bf16 vs float32 LoRA path, and a second seed
+    # of the float32 path for the run-to-run spread
+    "curve lr 2e-4": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4}),
+    "curve lr 2e-4 (float32 LoRA path)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4, "lora": "float32"}),
+    "curve lr 2e-4 (float32 LoRA path; seed 1)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4,
+                                                                       "lora": "float32", "seed": 1}),
     "one+bool loss": ("uniform", "one", {"loss": "bool"}),
     "mixed ahead": ("mixed", "ahead", {}),
     "mixed one": ("mixed", "one", {}),
@@ -98,9 +108,15 @@ def variant(a) -> None:
         mx.set_memory_limit(int(opts["limit"] * 1e9))
     if opts.get("loss") == "bool":
         tm.loss_fn = bool_loss
+    if opts.get("lora") == "float32":  # mlx-lm's layer for the whole process
+        from mlx_lm.tuner.lora import LoRALinear
+
+        import lora_app.lora_layer
+
+        lora_app.lora_layer.LoRALinear = LoRALinear
     cfg = RunConfig.from_flat(dict(
         model=str(work / "model"), data=str(work / data), batch_size=a.batch, iters=a.steps, rank=8, alpha=16,
-        learning_rate=1e-5, max_seq_length=1024, batching="packed", steps_per_report=10, steps_per_eval=0,
+        learning_rate=opts.get("lr", 1e-5), seed=opts.get("seed", 0), max_seq_length=1024, batching="packed", steps_per_report=10, steps_per_eval=0,
         save_every=10**6))
     run_dir = work / "runs" / a.variant.replace(" ", "_").replace(",", "")
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -130,6 +146,7 @@ def variant(a) -> None:
     t4 = time.perf_counter()
     times.update(closure=t1 - t0, batch=t2 - t1, trace=t3 - t2, first_eval=t4 - t3)
     first_peak = mx.get_peak_memory()
+    curve = [loss.item()]
     if opts.get("factor"):
         mx.set_memory_limit(int(first_peak * opts["factor"]))
     # step 2 timed alone too (a second trace or graph build would show here)
@@ -137,6 +154,7 @@ def variant(a) -> None:
     loss, ntoks = step_fn(*arrays)
     mx.eval(state, loss, ntoks)
     times["second_step"] = time.perf_counter() - t4
+    curve.append(loss.item())
 
     def params() -> list:
         return [v for _, v in tree_flatten(tr.model.trainable_parameters())]
@@ -169,14 +187,15 @@ def variant(a) -> None:
         if (k + 1) % 10 == 0 or k + 1 == a.steps:
             mx.eval(state, tok_sum)
             tok_sum.item()
-            [v.item() for v in losses]
+            curve += [v.item() for v in losses]
             losses, tok_sum = [], mx.array(0.0)
             if opts.get("clear"):
                 mx.clear_cache()
     dt = time.perf_counter() - start
     emit(variant=a.variant, data=data, steps=a.steps, setup_s=setup_s, **times,
          first_step=times["batch"] + times["trace"] + times["first_eval"], first_peak_gb=first_peak / 1e9,
-         peak_gb=mx.get_peak_memory() / 1e9, tok_s=tokens / dt, ms=dt / (a.steps - 2) * 1000)
+         peak_gb=mx.get_peak_memory() / 1e9, tok_s=tokens / dt, ms=dt / (a.steps - 2) * 1000,
+         losses=[round(v, 5) for v in curve])
 
 
 def run_mlxlm(a, tr, times: dict, setup_s: float) -> None:
@@ -279,6 +298,9 @@ def main() -> None:
             print("\n".join(out.splitlines()[-15:]), flush=True)
     print(f"total {time.perf_counter() - t_all:.0f}s")
     print(table(results))
+    for r in results:
+        if "curve" in r["variant"]:
+            print(f"losses [{r['variant']}]: {r['losses']}")
 
 
 def table(results: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""LoRA on chosen blocks × modules, with the seed's semantics, on top of mlx-lm's LoRALinear.
+"""LoRA on chosen blocks × modules, with the seed's semantics, on top of mlx-lm's LoRALinear (lora_layer.py).
 
 y = base(x) + (alpha / rank) · (x A) B with mlx-lm's storage: lora_a is [in, rank] (the seed's A transposed),
 lora_b is [rank, out] and starts at zero, so step 0 reproduces the base model exactly.
@@ -78,7 +78,8 @@ def apply_lora(model: Any, cfg: LoraConfig, seed: int | None = None) -> LoraTarg
     """Freeze the model and wrap the targets in LoRALinear; only lora_a / lora_b are trainable afterwards."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
-    from mlx_lm.tuner.lora import LoRALinear
+
+    from .lora_layer import LoRALinear
 
     targets = resolve_targets(model, cfg)
     if seed is not None:
@@ -90,8 +91,9 @@ def apply_lora(model: Any, cfg: LoraConfig, seed: int | None = None) -> LoraTarg
         existing = linear_modules(blocks[b])
         wrapped = []
         for name in targets.modules:
-            layer = LoRALinear.from_base(existing[name], r=cfg.rank, dropout=cfg.dropout, scale=scale)
-            in_features = linear_shape(existing[name])[1]
+            out_features, in_features = linear_shape(existing[name])
+            layer = LoRALinear(in_features, out_features, r=cfg.rank, dropout=cfg.dropout, scale=scale)
+            layer.linear = existing[name]
             # The seed's init: A ~ N(0, 1/sqrt(in)) (mlx-lm draws it uniform); B stays zero.
             layer.lora_a = mx.random.normal((in_features, cfg.rank)) * (1.0 / math.sqrt(in_features))
             wrapped.append((name, layer))

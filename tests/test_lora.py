@@ -120,3 +120,42 @@ def test_adapter_for_another_base_is_refused(tiny_model, tmp_path):
     save_adapter(model, tmp_path / "ad", adapter_config(lora, targets, 2, str(other)))
     with pytest.raises(AdapterError, match=f"made for {other}"):
         load_adapter(load_model(str(tiny_model))[0], tmp_path / "ad")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_lora_layer_matches_mlx_lm_and_keeps_float32_parameters(dtype):
+    """Float32 and float16 activations: mlx-lm's layer exactly. Bfloat16: the low-rank path runs in bf16 (no
+    float32 copies of the activations), within bf16 rounding of mlx-lm's float32 path, gradients float32."""
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear as MlxLmLoRALinear
+
+    from lora_app.lora_layer import LoRALinear
+
+    dt = getattr(mx, dtype)
+    mx.random.seed(0)
+    base = nn.Linear(64, 48)
+    base.set_dtype(dt)
+    ours, theirs = LoRALinear(64, 48, r=4, scale=2.0), MlxLmLoRALinear(64, 48, r=4, scale=2.0)
+    for layer in (ours, theirs):
+        layer.linear = base
+        layer.lora_a = mx.random.normal((64, 4), key=mx.random.key(1)) * 0.2
+        layer.lora_b = mx.random.normal((4, 48), key=mx.random.key(2)) * 0.2
+        layer.freeze(keys=["linear"])
+    x = mx.random.normal((3, 5, 64), key=mx.random.key(3)).astype(dt)
+
+    def loss(layer):
+        return nn.value_and_grad(layer, lambda m: (m(x).astype(mx.float32) ** 2).sum())(layer)
+
+    (l_ours, g_ours), (l_theirs, g_theirs) = loss(ours), loss(theirs)
+    assert ours(x).dtype == dt
+    assert all(g.dtype == mx.float32 for g in (g_ours["lora_a"], g_ours["lora_b"]))
+    if dtype != "bfloat16":
+        assert np.array_equal(np.array(ours(x)), np.array(theirs(x)))
+        assert np.array_equal(np.array(g_ours["lora_b"]), np.array(g_theirs["lora_b"]))
+    else:
+        f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731 (numpy has no bfloat16)
+        assert not np.array_equal(f32(ours(x)), f32(theirs(x)))  # the bf16 path is really taken
+        assert abs(l_ours.item() - l_theirs.item()) < 1e-2 * abs(l_theirs.item())
+        for name in ("lora_a", "lora_b"):
+            a, b = np.array(g_ours[name]), np.array(g_theirs[name])
+            assert np.abs(a - b).max() < 2e-2 * np.abs(b).max(), name
