@@ -56,6 +56,10 @@ VARIANTS = {
     "ahead+limit 1.1x step 1": ("uniform", "ahead", {"factor": 1.1}),  # Trainer.bound_run_ahead's rule
     "mixed ahead+limit 1.25x step 1": ("mixed", "ahead", {"factor": 1.25}),
     "mixed ahead+limit 1.1x step 1": ("mixed", "ahead", {"factor": 1.1}),
+    "ahead+limit 1.0x step 1": ("uniform", "ahead", {"factor": 1.0}),
+    "mixed ahead+limit 1.0x step 1": ("mixed", "ahead", {"factor": 1.0}),
+    "ahead+limit 1.05x step 1": ("uniform", "ahead", {"factor": 1.05}),
+    "mixed ahead+limit 1.05x step 1": ("mixed", "ahead", {"factor": 1.05}),
     "ahead+limit 1.1x step 1 (float32 LoRA path)": ("uniform", "ahead", {"factor": 1.1, "lora": "float32"}),
     "mixed ahead+limit 1.1x step 1 (float32 LoRA path)": ("mixed", "ahead", {"factor": 1.1, "lora": "float32"}),
     # loss curves at a learning rate that moves them in 40 steps: bf16 vs float32 LoRA path, and a second seed
