@@ -164,8 +164,9 @@ def part_mlx_steps(a) -> None:
 @contextlib.contextmanager
 def float32_lora_path(on: bool = True):
     """apply_lora with mlx-lm's own LoRALinear (float32 low-rank path) instead of ours, for comparisons."""
-    import lora_app.lora_layer as layer
     from mlx_lm.tuner.lora import LoRALinear
+
+    import lora_app.lora_layer as layer
 
     ours = layer.LoRALinear
     layer.LoRALinear = LoRALinear if on else ours
@@ -322,7 +323,8 @@ def part_ours_loop(a) -> None:
     from lora_app import runs
 
     model_dir, uniform, mixed = make_data(a)
-    for name, folder, modes in (("uniform", uniform, ["packed"]), ("mixed", mixed, ["packed", "padded"])):
+    datasets = (("uniform", uniform, ["packed"]), ("mixed", mixed, ["packed", "padded"]))
+    for name, folder, modes in [d for d in datasets if d[0] in a.loop_data.split(",")]:
         for mode in modes:
             run_dir = Path(a.work) / f"ours-{name}-{mode}"
             import shutil
@@ -330,7 +332,7 @@ def part_ours_loop(a) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             iters = a.iters if mode == "padded" else max(1, epoch_steps(model_dir, folder, mode, a))
             tic = time.time()
-            subprocess.run([sys.executable, "-m", "lora_app", "train", "--model", str(model_dir), "--data",
+            subprocess.run([*engine_command(a.run_ahead), "train", "--model", str(model_dir), "--data",
                             str(folder), "--batch-size", str(a.batch), "--iters", str(iters), "--rank", "8",
                             "--alpha", "16", "--learning-rate", "1e-5", "--max-seq-length", "1024",
                             "--batching", mode, "--steps-per-report", "10", "--steps-per-eval", "0",
@@ -344,12 +346,21 @@ def part_ours_loop(a) -> None:
             wall = train[-1]["time"] - running["time"]  # like mlx-lm's train(): model and data already loaded
             total = train[-1]["trained_tokens"]
             after = (total - first.get("tokens", 0)) / max(train[-1]["time"] - first["time"], 1e-9)
-            emit(part="ours_loop", name=f"{name} {mode}", iters=iters, wall_s=wall, tokens=total,
+            factor = "" if a.run_ahead is None else f", run-ahead {a.run_ahead}x"
+            emit(part="ours_loop", name=f"{name} {mode}{factor}", iters=iters, wall_s=wall, tokens=total,
                  tok_s_all=total / wall, tok_s_after_first=after, first_step_s=first["time"] - tic,
                  running_to_first_step_s=first["time"] - running["time"],
                  process_wall_s=process_wall,
                  tok_s_reports=[round(e["tokens_per_second"]) for e in train],
                  peak_gb=max(e["peak_memory_gb"] for e in train))
+
+
+def engine_command(run_ahead: float | None) -> list[str]:
+    """`python -m lora_app`, or with Trainer's RUN_AHEAD_MEMORY set to another factor (to compare factors)."""
+    if run_ahead is None:
+        return [sys.executable, "-m", "lora_app"]
+    return [sys.executable, "-c", "import sys, lora_app.trainer as t; from lora_app.__main__ import main; "
+            f"t.RUN_AHEAD_MEMORY = {run_ahead}; sys.exit(main(sys.argv[1:]))"]
 
 
 def epoch_steps(model_dir: Path, folder: Path, mode: str, a) -> int:
@@ -425,6 +436,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1000)
     ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--work", default="/tmp/gpu_bench")
+    ap.add_argument("--loop-data", default="uniform,mixed", help="datasets of the ours_loop part")
+    ap.add_argument("--run-ahead", type=float, help="ours_loop: Trainer.RUN_AHEAD_MEMORY for the CLI runs")
     ap.add_argument("--part-timeout", type=int, default=200)
     ap.add_argument("--json", help="write all results here")
     a = ap.parse_args()

@@ -120,8 +120,8 @@ def variant(a) -> None:
         lora_app.lora_layer.LoRALinear = LoRALinear
     cfg = RunConfig.from_flat(dict(
         model=str(work / "model"), data=str(work / data), batch_size=a.batch, iters=a.steps, rank=8, alpha=16,
-        learning_rate=opts.get("lr", 1e-5), seed=opts.get("seed", 0), max_seq_length=1024, batching="packed", steps_per_report=10, steps_per_eval=0,
-        save_every=10**6))
+        learning_rate=opts.get("lr", 1e-5), seed=opts.get("seed", 0), max_seq_length=1024, batching="packed",
+        steps_per_report=10, steps_per_eval=0, save_every=10**6))
     run_dir = work / "runs" / a.variant.replace(" ", "_").replace(",", "")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
