@@ -26,10 +26,10 @@ from .fileio import remove_temp_files
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 
 # The memory limit set after step 1, as a multiple of step 1's peak: it bounds how far the host encodes ahead of
-# the GPU. bench/gpu_memory.py on an H200 (0.5B model, batch 8): unbounded 13.2 GB uniform; at 1.0x the same
-# speed as 1.1x (uniform 107-112k vs 112k tok/s, mixed 105-108k vs 104k) with uniform 9.0 GB and mixed 16.0 GB,
-# both below mlx-lm train()'s 10.4 / 16.2 GB, where 1.1x gave 9.2 / 16.9 GB (bench/RESULTS.md).
-RUN_AHEAD_MEMORY = 1.0
+# the GPU. Through the CLI on an H200 (0.5B model, uniform 8 x 512; bench/RESULTS.md): unbounded 13.2 GB; 1.1x
+# 9.2 GB at 108-122k tok/s (3 runs), below mlx-lm train()'s 9.9-10.4 GB; 1.05x 97-103k; 1.0x (no headroom) 8.6-8.8
+# GB but 65-118k, as MLX then waits on running work before most allocations.
+RUN_AHEAD_MEMORY = 1.1
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
 # How MLX (Metal, CUDA, CPU malloc) and the C++ runtime word an allocation failure.
 OOM_MARKS = ("out of memory", "outofmemory", "insufficient memory", "unable to allocate", "attempting to allocate",
