@@ -115,7 +115,6 @@ def part_mlx_steps(a) -> None:
 
     from lora_app.batching import Batch
     from lora_app.config import LoraConfig, RunConfig
-    from lora_app.head_loss import find_head
     from lora_app.lora import apply_lora
     from lora_app.trainer import Trainer, batch_arrays, build_optimizer
 
@@ -143,18 +142,16 @@ def part_mlx_steps(a) -> None:
         del model, opt, state, their_step
 
         # ours: Trainer.compiled_step on our batches; our LoRA layer (bf16 low-rank path) and mlx-lm's (float32)
-        # (name, batch, mlx-lm's float32 LoRA path, plain logits loss)
-        cases = [("padded/causal", Batch(tokens, weights), False, False),
-                 ("padded/causal, float32 LoRA path", Batch(tokens, weights), True, False)]
+        cases = [("padded/causal", Batch(tokens, weights), False), ("padded/causal, float32 LoRA path",
+                                                                     Batch(tokens, weights), True)]
         if tag == "q/v":
-            cases += [("padded/causal, plain logits loss", Batch(tokens, weights), False, True),
-                      ("packed, 4 seqs/row (mask)", Batch(tokens, weights, seg), False, False)]
-        for name, b, float32_path, plain_loss in cases:
+            cases.append(("packed, 4 seqs/row (mask)", Batch(tokens, weights, seg), False))
+        for name, b, float32_path in cases:
             model = build_mlx_model(a, config)
             with float32_lora_path(float32_path):
                 apply_lora(model, LoraConfig(modules=modules), seed=0)
             t = Trainer.__new__(Trainer)
-            t.model, t.cfg, t.head = model, RunConfig(), None if plain_loss else find_head(model)
+            t.model, t.cfg = model, RunConfig()
             t.optimizer = build_optimizer(t.cfg, 1000)
             t.optimizer.init(model.trainable_parameters())
             step, state = t.compiled_step()
@@ -204,7 +201,6 @@ def part_loop_variants(a) -> None:
 
     from lora_app.batching import Batch
     from lora_app.config import LoraConfig, RunConfig
-    from lora_app.head_loss import find_head
     from lora_app.lora import apply_lora
     from lora_app.trainer import Trainer, batch_arrays, build_optimizer
 
@@ -213,7 +209,7 @@ def part_loop_variants(a) -> None:
     model = build_mlx_model(a, config)
     apply_lora(model, LoraConfig(), seed=0)
     t = Trainer.__new__(Trainer)
-    t.model, t.cfg, t.head = model, RunConfig(), find_head(model)
+    t.model, t.cfg = model, RunConfig()
     t.optimizer = build_optimizer(t.cfg, 1000)
     t.optimizer.init(model.trainable_parameters())
     step, state = t.compiled_step()

@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 # name: (data, loop mode, options); options: limit (GB memory limit), factor (limit = factor x step 1's peak),
 # clear (clear_cache at reports),
 # loss ("bool": bool weights, no maximum), ptx ("cold": a fresh MLX_PTX_CACHE_DIR for this process),
-# lora ("float32": mlx-lm's LoRALinear, the float32 low-rank path, instead of ours), lr, seed,
-# head ("plain": the loss through the whole logits tensor instead of head_loss's chunks)
+# lora ("float32": mlx-lm's LoRALinear, the float32 low-rank path, instead of ours), lr, seed
 VARIANTS = {
     "mlxlm cold": ("uniform", "mlxlm", {"ptx": "cold"}),
     "ahead cold": ("uniform", "ahead", {"ptx": "cold"}),
@@ -63,9 +62,6 @@ VARIANTS = {
     "mixed ahead+limit 1.05x step 1": ("mixed", "ahead", {"factor": 1.05}),
     "ahead+limit 1.1x step 1 (float32 LoRA path)": ("uniform", "ahead", {"factor": 1.1, "lora": "float32"}),
     "mixed ahead+limit 1.1x step 1 (float32 LoRA path)": ("mixed", "ahead", {"factor": 1.1, "lora": "float32"}),
-    "ahead+limit 1.1x step 1 (plain logits loss)": ("uniform", "ahead", {"factor": 1.1, "head": "plain"}),
-    "mixed ahead+limit 1.1x step 1 (plain logits loss)": ("mixed", "ahead", {"factor": 1.1, "head": "plain"}),
-    "curve lr 2e-4 (plain logits loss)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4, "head": "plain"}),
     # loss curves at a learning rate that moves them in 40 steps: bf16 vs float32 LoRA path, and a second seed
     # of the float32 path for the run-to-run spread
     "curve lr 2e-4": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4}),
@@ -89,8 +85,8 @@ def prep(a) -> None:
     make_data(argparse.Namespace(**{**vars(a), "max_len": 120 if a.small else 1000}))
 
 
-def bool_loss(model, tokens, weights, segments=None, head=None):
-    """loss_fn with a bool weights mask and no maximum(ntoks, 1): mlx-lm's default_loss arithmetic (plain logits)."""
+def bool_loss(model, tokens, weights, segments=None):
+    """loss_fn with a bool weights mask and no maximum(ntoks, 1): mlx-lm's default_loss arithmetic."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -133,8 +129,6 @@ def variant(a) -> None:
     tr = tm.Trainer(run_dir, cfg)
     tr.started = tic
     tr.setup()
-    if opts.get("head") == "plain":
-        tr.head = None
     setup_s = time.perf_counter() - tic
     plan = tr.plan
     times: dict[str, float] = {}

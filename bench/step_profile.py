@@ -19,7 +19,6 @@ def main() -> None:
 
     from lora_app.batching import Batch
     from lora_app.config import LoraConfig, RunConfig
-    from lora_app.head_loss import find_head
     from lora_app.lora import apply_lora
     from lora_app.models import load_model
     from lora_app.trainer import Trainer, batch_arrays, build_optimizer
@@ -35,7 +34,7 @@ def main() -> None:
     apply_lora(model, LoraConfig(), seed=0)
     cfg = RunConfig()
     t = Trainer.__new__(Trainer)
-    t.model, t.cfg, t.head = model, cfg, find_head(model)
+    t.model, t.cfg = model, cfg
     t.optimizer = build_optimizer(cfg, 100)
     t.optimizer.init(model.trainable_parameters())
     step, state = t.compiled_step()

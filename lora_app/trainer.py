@@ -23,7 +23,6 @@ from .batching import Batch, BatchPlan, eval_batches
 from .checkpoints import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .fileio import remove_temp_files
-from .head_loss import Head, cross_entropy_sum, find_head
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 
 # The memory limit set after step 1, as a multiple of step 1's peak: it bounds how far the host encodes ahead of
@@ -74,35 +73,27 @@ class SegmentMask:
         return keys, values
 
 
-def forward(model: Any, inputs: Any, segments: Any = None, hidden_only: bool = False) -> Any:
-    """Logits (or with hidden_only, the last hidden states before the LM head); a packed row's sequences (segment
-    ids) attend only to themselves, causally."""
+def forward(model: Any, inputs: Any, segments: Any = None) -> Any:
+    """Logits; a packed row's sequences (segment ids) attend only to themselves, causally."""
     import mlx.core as mx
 
-    cache = None
-    if segments is not None:
-        n = segments.shape[1]
-        causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
-        mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
-        cache = [SegmentMask(mask)] * len(model.layers)
-    return (model.model if hidden_only else model)(inputs, cache=cache)
+    if segments is None:
+        return model(inputs)
+    n = segments.shape[1]
+    causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
+    mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+    return model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
 
 
-def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None, head: Head | None = None) -> tuple[Any, Any]:
-    """Mean cross-entropy over the tokens whose weight is 1, and their count. With the model's `head`
-    (head_loss.find_head) the step never holds the whole logits tensor or its gradient."""
+def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None) -> tuple[Any, Any]:
+    """Mean cross-entropy over the tokens whose weight is 1, and their count."""
     import mlx.core as mx
     import mlx.nn as nn
 
+    logits = forward(model, tokens[:, :-1], segments)
+    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
     ntoks = weights.sum()
-    if head is None:
-        logits = forward(model, tokens[:, :-1], segments)
-        ce = (nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights).astype(mx.float32).sum()
-    else:
-        hidden = forward(model, tokens[:, :-1], segments, hidden_only=True)
-        ce = cross_entropy_sum(head, hidden.reshape(-1, hidden.shape[-1]), tokens[:, 1:].reshape(-1),
-                               weights.reshape(-1))
-    return ce / mx.maximum(ntoks, 1), ntoks
+    return ce.astype(mx.float32).sum() / mx.maximum(ntoks, 1), ntoks
 
 
 def batch_arrays(batch: Batch) -> tuple:
@@ -127,13 +118,13 @@ def build_optimizer(cfg: RunConfig, total_steps: int) -> Any:
     return optim.Adam(learning_rate=lr)
 
 
-def evaluate(model: Any, batches: list[Batch], head: Head | None = None) -> float:
+def evaluate(model: Any, batches: list[Batch]) -> float:
     """Token-weighted mean loss over the batches (the same masked tokens as training), over all processes."""
     import mlx.core as mx
 
     total, count = mx.array(0.0), mx.array(0.0)
     for batch in batches:
-        loss, ntoks = loss_fn(model, *batch_arrays(batch), head=head)
+        loss, ntoks = loss_fn(model, *batch_arrays(batch))
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     total = mx.distributed.all_sum(total, stream=mx.cpu)
@@ -183,7 +174,6 @@ class Trainer:
         for note in self.data.notes:
             self.event("info", message=note)
         self.targets = apply_lora(self.model, cfg.lora, seed=cfg.train.seed)
-        self.head = find_head(self.model)
         self.num_blocks = len(blocks_of(self.model))
         self.adapter_config = adapter_config(cfg.lora, self.targets, self.num_blocks, self.base_model)
         t = cfg.train
@@ -298,7 +288,7 @@ class Trainer:
         from mlx.nn.utils import average_gradients
 
         model, optimizer, clip = self.model, self.optimizer, self.cfg.train.grad_clip
-        value_and_grad = nn.value_and_grad(model, partial(loss_fn, head=self.head))
+        value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
@@ -462,7 +452,7 @@ class Trainer:
 
     def validate(self, step: int) -> None:
         self.model.eval()
-        val_loss = evaluate(self.model, self.val, self.head)
+        val_loss = evaluate(self.model, self.val)
         self.model.train()
         self.event("val", step=step, val_loss=val_loss)
         self.log(f"step {step} validation loss {val_loss:.4f}")
