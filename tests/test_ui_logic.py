@@ -37,7 +37,14 @@ def test_duration_and_eta():
     events = [ev("train", 100.0, step=10, loss=1), ev("train", 110.0, step=20, loss=1)]
     assert timeline.eta_seconds(events, 100) == pytest.approx(80.0)
     assert timeline.eta_seconds(events[:1], 100) is None
-    assert [timeline.memory_text(g) for g in (None, 0.0042, 0.5, 12.345)] == ["-", "4.2 MB", "500.0 MB", "12.35 GB"]
+    assert [estimates.human_bytes(g * 1e9) for g in (0.0042, 0.5, 12.345)] == ["4.2 MB", "500.0 MB", "12.3 GB"]
+
+
+def test_stats_show_peak_memory_in_mb_for_small_models():
+    state = runs.RunState(path=Path("r"))
+    assert "**peak memory** -" in timeline.stats_markdown(state, [])
+    small = [ev("train", 1.0, step=10, loss=1.0, peak_memory_gb=0.0042)]
+    assert "**peak memory** 4.2 MB" in timeline.stats_markdown(state, small)
 
 
 def test_samples_timeline_has_base_first():

@@ -13,6 +13,7 @@ from threading import Lock
 import pandas as pd
 
 from .. import runs
+from .estimates import human_bytes
 
 LOSS_COLUMNS = ["step", "loss", "series"]
 
@@ -76,6 +77,7 @@ def stats_markdown(state: runs.RunState, events: list[dict]) -> str:
     """Learning rate, tokens/s, peak memory, losses, best validation, the last message."""
     t = last_train(events)
     first = next((e for e in events if e["event"] == "first_step"), None)
+    peak = t.get("peak_memory_gb")
     parts = [
         f"**train loss** {fmt(state.train_loss, '.4f')}",
         f"**valid loss** {fmt(state.val_loss, '.4f')}",
@@ -83,7 +85,7 @@ def stats_markdown(state: runs.RunState, events: list[dict]) -> str:
         + (f" @ {state.best_step}" if state.best_step is not None else ""),  # step 0: a starting adapter
         f"**learning rate** {fmt(t.get('learning_rate'), '.2e')}",
         f"**tokens/s** {fmt(t.get('tokens_per_second'), ',.0f')}",
-        f"**peak memory** {memory_text(t.get('peak_memory_gb'))}",
+        f"**peak memory** {'-' if peak is None else human_bytes(peak * 1e9)}",  # MB for a small model's few MB
         f"**tokens trained** {fmt(t.get('trained_tokens'), ',')}",
     ]
     if first:
@@ -108,13 +110,6 @@ def processes_line(events: list[dict]) -> str:
         counts[host] = counts.get(host, 0) + 1
     where = ", ".join(html.escape(h) + (f" ×{n}" if n > 1 else "") for h, n in counts.items())
     return f"**{size} processes**" + (f": {where}" if where else "")
-
-
-def memory_text(gb: float | None) -> str:
-    """GB from 1 GB up, MB below (a small model's few MB would read as 0.00 GB)."""
-    if gb is None:
-        return "-"
-    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"
 
 
 def fmt(value: object, spec: str) -> str:
