@@ -105,6 +105,19 @@ def mlx_lm_compiled_step(model, opt) -> tuple:
     return step, state
 
 
+def ours_compiled_step(model) -> tuple:
+    """Trainer.compiled_step (default settings) for a model with LoRA applied, in training mode."""
+    from lora_app.config import RunConfig
+    from lora_app.trainer import Trainer, build_optimizer
+
+    t = Trainer.__new__(Trainer)
+    t.model, t.cfg = model, RunConfig()
+    t.optimizer = build_optimizer(t.cfg, 1000)
+    t.optimizer.init(model.trainable_parameters())
+    model.train()
+    return t.compiled_step()
+
+
 def part_mlx_steps(a) -> None:
     """Bare compiled steps: mlx-lm's train() step vs ours (padded, packed with a mask), q/v and all 7 modules."""
 
@@ -114,9 +127,9 @@ def part_mlx_steps(a) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from lora_app.batching import Batch
-    from lora_app.config import LoraConfig, RunConfig
+    from lora_app.config import LoraConfig
     from lora_app.lora import apply_lora
-    from lora_app.trainer import Trainer, batch_arrays, build_optimizer
+    from lora_app.trainer import batch_arrays
 
     config = SMALL if a.small else QWEN05
     B, T = a.batch, a.seq
@@ -150,15 +163,10 @@ def part_mlx_steps(a) -> None:
             model = build_mlx_model(a, config)
             with float32_lora_path(float32_path):
                 apply_lora(model, LoraConfig(modules=modules), seed=0)
-            t = Trainer.__new__(Trainer)
-            t.model, t.cfg = model, RunConfig()
-            t.optimizer = build_optimizer(t.cfg, 1000)
-            t.optimizer.init(model.trainable_parameters())
-            step, state = t.compiled_step()
-            model.train()
+            step, state = ours_compiled_step(model)
             arrays = batch_arrays(b)
             run_case(f"ours compiled step, {tag}, {name}", lambda: step(*arrays), state, a, B * T)
-            del model, t, step, state
+            del model, step, state
 
 
 @contextlib.contextmanager
@@ -200,20 +208,15 @@ def part_loop_variants(a) -> None:
     import numpy as np
 
     from lora_app.batching import Batch
-    from lora_app.config import LoraConfig, RunConfig
+    from lora_app.config import LoraConfig
     from lora_app.lora import apply_lora
-    from lora_app.trainer import Trainer, batch_arrays, build_optimizer
+    from lora_app.trainer import batch_arrays
 
     config = SMALL if a.small else QWEN05
     B, T, n = a.batch, a.seq, 4 * a.steps
     model = build_mlx_model(a, config)
     apply_lora(model, LoraConfig(), seed=0)
-    t = Trainer.__new__(Trainer)
-    t.model, t.cfg = model, RunConfig()
-    t.optimizer = build_optimizer(t.cfg, 1000)
-    t.optimizer.init(model.trainable_parameters())
-    step, state = t.compiled_step()
-    model.train()
+    step, state = ours_compiled_step(model)
     rng = np.random.default_rng(0)
     host = [Batch(rng.integers(3, 500, (B, T + 1)).astype(np.int32), np.ones((B, T), np.float32))
             for _ in range(n)]
