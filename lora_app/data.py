@@ -54,9 +54,10 @@ class PreviewRow:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_data(cfg: DataConfig, tokenizer: Any, *, batch_size: int = 1) -> LoadedData:
-    """Read, check and tokenize every split; raise DataError (all problems, up to 20) instead of half a dataset."""
-    source = read_source(cfg)
+def load_data(cfg: DataConfig, tokenizer: Any, *, batch_size: int = 1, source: Source | None = None) -> LoadedData:
+    """Read (unless `source` was read already), check and tokenize every split; raise DataError (all problems, up
+    to 20) instead of half a dataset."""
+    source = source or read_source(cfg)
     fmt, note = choose_format(cfg, source)
     loaded = LoadedData(train=[], format=fmt, notes=source.notes + [note])
     loaded.notes += template_notes(fmt, tokenizer)
@@ -322,11 +323,12 @@ def has_chat_template(tokenizer: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- preview, statistics
 
 
-def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: int = 2048) -> list[PreviewRow]:
+def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: int = 2048,
+            source: Source | None = None) -> list[PreviewRow]:
     """The first training rows as tokens marked trained/masked; a bad row carries its problem instead."""
-    source = read_source(cfg)
+    source = source or read_source(cfg)
     fmt, _ = choose_format(cfg, source)
-    template_notes(fmt, tokenizer)
+    template_notes(fmt, tokenizer)  # raises for chat data and a tokenizer without a chat template
     out = []
     for row in source.rows["train"][:n_rows]:
         example, problem = row_example(row, fmt, cfg, tokenizer)

@@ -6,15 +6,15 @@ from typing import Any
 
 from .config import DataConfig
 from .data import choose_format, map_columns, prompt_completion
-from .data_sources import read_source
+from .data_sources import Source, read_source
 
 MAX_PROBES = 5  # the trainer answers at most this many at each evaluation
 TEXT_WORDS = 8  # a plain-text row has no prompt: its opening words stand in for one
 
 
-def default_probe_prompts(cfg: DataConfig, n: int = 3) -> list[str]:
+def default_probe_prompts(cfg: DataConfig, n: int = 3, source: Source | None = None) -> list[str]:
     """Up to n prompts from the validation rows (train rows when there is no validation split), in file order."""
-    source = read_source(cfg)
+    source = source or read_source(cfg)
     fmt, _ = choose_format(cfg, source)
     rows = source.rows.get("valid") or source.rows.get("train") or []
     prompts: list[str] = []

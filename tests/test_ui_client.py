@@ -175,7 +175,8 @@ def test_bad_inputs_get_messages_not_tracebacks(app, tmp_path):
     assert "not valid JSON" in client.predict(str(broken), api_name="/inspect")
     assert "nothing to stop" in client.predict(api_name="/stop")
     assert "adapter folder not found" in client.predict(str(missing), str(tmp_path / "x"), api_name="/save_adapter")
-    _, stats = client.predict("demo", str(missing), "auto", 0.1, False, False, 2048, 4, api_name="/preview_data")
+    _, stats, _ = client.predict("demo", str(missing), "auto", 0.1, False, False, 2048, 4, "",
+                                 api_name="/preview_data")
     assert stats.startswith("⚠️") and "nope" in stats
 
 
@@ -186,5 +187,7 @@ def test_data_preview_fills_empty_probe_prompts_from_validation_rows(app, chat_d
 
     client = Client(app[0], verbose=False)
     first = json.loads((chat_data / "valid.jsonl").read_text().splitlines()[0])
-    prompts = client.predict(str(chat_data), "auto", 0.1, "", api_name="/default_probes").splitlines()
+    *_, prompts = client.predict("demo", str(chat_data), "auto", 0.1, False, False, 2048, 2, "",
+                                 api_name="/preview_data")
+    prompts = prompts.splitlines()
     assert 1 <= len(prompts) <= 3 and prompts[0] == row_prompt(first, "chat")

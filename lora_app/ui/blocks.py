@@ -53,10 +53,8 @@ def wire(ctx, m, a, d, t, p, s, r, c, info, form) -> None:
                 api_name="adapter_choices")
     adapter_step.wire(a, info, [t.batch_size, t.max_seq_length, t.grad_checkpoint])
     d.preview.click(data_step.preview_data, [m.model, d.data, d.data_format, d.valid_fraction, d.mask_prompt,
-                                             d.skip_bad_rows, t.max_seq_length, t.batch_size],
-                    [d.rows, d.stats], api_name="preview_data").then(
-        data_step.fill_probes, [d.data, d.data_format, d.valid_fraction, t.probe_prompts], t.probe_prompts,
-        api_name="default_probes", show_progress="hidden")
+                                             d.skip_bad_rows, t.max_seq_length, t.batch_size, t.probe_prompts],
+                    [d.rows, d.stats, t.probe_prompts], api_name="preview_data")
     train_step.wire(ctx, t, form, info)
     m.model.change(lambda x: x, m.model, p.model, api_name="sync_test_model", show_progress="hidden")
     choices = lambda: gr.update(choices=adapter_choices(ctx.runs_dir))  # noqa: E731

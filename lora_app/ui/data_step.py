@@ -41,40 +41,31 @@ def preview_html(rows: list) -> str:
 
 
 def preview_data(model: str, data: str, data_format: str, valid_fraction: float, mask_prompt: bool,
-                 skip_bad_rows: bool, max_seq_length: float, batch_size: float) -> tuple[str, str]:
+                 skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str) -> tuple:
+    """Preview rows, statistics and, when the Train step's sample-probe box is empty, prompts of the first
+    validation rows for it; the source is read once for all three."""
     from .. import data as data_mod
+    from ..data_sources import read_source
+    from ..probes import default_probe_prompts
     from ..user_errors import USER_ERRORS
 
     if not (data or "").strip():
         gr.Warning("Data: empty; choose the demo data, a folder or a file.")
-        return "", "⚠️ Data: empty."
+        return "", "⚠️ Data: empty.", gr.skip()
     try:
         cfg = DataConfig(data=data.strip(), data_format=data_format, valid_fraction=float(valid_fraction),
                          mask_prompt=bool(mask_prompt), skip_bad_rows=bool(skip_bad_rows))
         tokenizer = tokenizer_for((model or "demo").strip())
-        rows = data_mod.preview(cfg, tokenizer, n_rows=3, max_seq_length=int(max_seq_length))
-        loaded = data_mod.load_data(cfg, tokenizer, batch_size=int(batch_size))
+        source = read_source(cfg)
+        rows = data_mod.preview(cfg, tokenizer, n_rows=3, max_seq_length=int(max_seq_length), source=source)
+        loaded = data_mod.load_data(cfg, tokenizer, batch_size=int(batch_size), source=source)
         stats = data_mod.format_statistics(data_mod.statistics(loaded, int(max_seq_length)))
+        prompts = gr.skip() if (probes or "").strip() else "\n".join(default_probe_prompts(cfg, source=source))
     except (ConfigError, *USER_ERRORS, OSError) as e:
         gr.Warning(f"Data {data}: {str(e).splitlines()[0]}")
-        return "", "⚠️ " + html.escape(str(e)).replace("\n", "<br>")
+        return "", "⚠️ " + html.escape(str(e)).replace("\n", "<br>"), gr.skip()
     notes = "\n".join(f"- {n}" for n in loaded.notes if n)
-    return preview_html(rows), stats + ("\n\n" + notes if notes else "")
-
-
-def fill_probes(data: str, data_format: str, valid_fraction: float, current: str) -> str:
-    """The Train step's sample-probe box, when empty: prompts of the first validation rows (after a preview,
-    so a bad source has already been reported there)."""
-    from ..probes import default_probe_prompts
-    from ..user_errors import USER_ERRORS
-
-    if (current or "").strip() or not (data or "").strip():
-        return gr.skip()
-    try:
-        cfg = DataConfig(data=data.strip(), data_format=data_format, valid_fraction=float(valid_fraction))
-        return "\n".join(default_probe_prompts(cfg))
-    except (ConfigError, *USER_ERRORS, OSError):
-        return gr.skip()
+    return preview_html(rows), stats + ("\n\n" + notes if notes else ""), prompts
 
 
 def pick_source(source: str, current: str) -> str:
