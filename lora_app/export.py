@@ -57,13 +57,13 @@ def base_model_of(adapter_dir: Path) -> str | None:
 
 
 def check_free(out: Path) -> None:
-    """Refuse a target that holds anything: an export never overwrites a user's files."""
+    """Refuse a target that holds anything: an export or a copy never overwrites a user's files."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a folder; choose a new folder for the export")
+        raise ExportError(f"{out}: exists and is not a folder; choose a new folder")
     if out.is_dir() and any(out.iterdir()):
         raise ExportError(f"{out}: folder exists and is not empty; choose a new or empty folder "
-                          "(exports never overwrite files)")
+                          "(nothing is ever overwritten)")
 
 
 @contextlib.contextmanager

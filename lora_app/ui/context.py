@@ -5,8 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import gradio as gr
+
 
 @dataclass
 class Context:
     runs_dir: Path
     models_dir: Path | None = None
+
+
+def warned(message: str) -> str:
+    """Show `message` as a warning toast and return it, marked, for the step's message line."""
+    gr.Warning(message)
+    return "⚠️ " + message

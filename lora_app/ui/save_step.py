@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..adapters import AdapterError, read_adapter_config
+from ..export import ExportError, check_free
 from ..peft_format import is_peft_folder, read_peft_config
 from . import engine
-from .context import Context
+from .context import Context, warned
 from .runlist import adapter_choices
 from .settings import module_choices
 
@@ -41,34 +42,26 @@ def save_copy(folder: str | None, dest: str) -> str:
     except AdapterError as e:
         gr.Warning(f"Save: {e}")
         return f"⚠️ {e}"
-    target = Path((dest or "").strip()).expanduser()
     if not str(dest or "").strip():
-        gr.Warning("Save: type a destination folder.")
-        return "⚠️ Save: type a destination folder."
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        gr.Warning(f"Save: {target} already exists and is not empty; choose a new folder.")
-        return f"⚠️ {target} already exists and is not empty; nothing was overwritten."
+        return warned("Save: type a destination folder.")
+    target = Path(dest.strip()).expanduser()
     try:
+        check_free(target)
         shutil.copytree(Path(folder).expanduser(), target, dirs_exist_ok=True)
-    except OSError as e:
-        gr.Warning(f"Save: {e}")
-        return f"⚠️ {e}"
+    except (ExportError, OSError) as e:
+        return warned(f"Save: {e}")
     return f"Saved to `{target}`."
 
 
 def export_adapter(folder: str | None, fmt: str, out: str, dequantize: bool) -> str:
     if not folder or not (out or "").strip():
-        gr.Warning("Export: choose an adapter and type an output folder.")
-        return "⚠️ Export: choose an adapter and type an output folder."
+        return warned("Export: choose an adapter and type an output folder.")
     target = Path(out.strip()).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        gr.Warning(f"Export: {target} already exists and is not empty.")
-        return f"⚠️ {target} already exists and is not empty; nothing was overwritten."
     try:
+        check_free(target)  # here, before a subprocess loads MLX only to refuse it
         result = engine.export(folder, fmt, str(target), dequantize=dequantize)
-    except engine.EngineError as e:
-        gr.Warning(f"Export {fmt}: {e}")
-        return f"⚠️ Export {fmt}: {e}"
+    except (ExportError, engine.EngineError) as e:
+        return warned(f"Export {fmt}: {e}")
     return f"{fmt}: {result}"
 
 

@@ -12,7 +12,7 @@ import gradio as gr
 from .. import runs
 from ..config import ConfigError, save_config_json
 from . import launch, timeline
-from .context import Context
+from .context import Context, warned
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
 CACHE = timeline.EventCache()
@@ -26,19 +26,16 @@ def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
     `values`: the form (FORM_KEYS), then the launch choice (mode, processes, hostfile, hosts)."""
     active = runs.active_run(ctx.runs_dir)
     if active:
-        gr.Warning(ONE_RUN.format(name=active.name))
-        return gr.skip(), "⚠️ " + ONE_RUN.format(name=active.name)
+        return gr.skip(), warned(ONE_RUN.format(name=active.name))
     try:
         config = form_to_config(dict(zip(FORM_KEYS, values)))
     except ConfigError as e:
-        gr.Warning(f"Settings: {e}")
-        return gr.skip(), f"⚠️ Settings: {e}"
+        return gr.skip(), warned(f"Settings: {e}")
     mode, nproc, hostfile, hosts = (*values[len(FORM_KEYS):], launch.MODES[0], 2, None, "")[:4]
     try:
         choice = launch.check_launch(mode, nproc, hostfile, hosts, config.train.batch_size)
     except ConfigError as e:
-        gr.Warning(str(e))
-        return gr.skip(), f"⚠️ {e}"
+        return gr.skip(), warned(str(e))
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in (name or "").strip()).strip(".")
     run_dir = runs.new_run_dir(ctx.runs_dir, safe or None)
     save_config_json(config, run_dir / "config.json")
@@ -50,20 +47,17 @@ def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
 def control_run(ctx: Context, current: str, action: str) -> str:
     state = runs.run_state(ctx.runs_dir / current) if current else None
     if state is None or not state.active:
-        gr.Warning(f"No run is training now; nothing to {action}.")
-        return f"⚠️ No run is training now; nothing to {action}."
+        return warned(f"No run is training now; nothing to {action}.")
     runs.request(state.path, action)
     return f"{action.capitalize()} requested for **{state.name}**; it saves the adapter and ends at the next step."
 
 
 def resume_run(ctx: Context, current: str) -> tuple[str, str]:
     if not current or not (ctx.runs_dir / current / "config.json").is_file():
-        gr.Warning("Resume: open a run first (Runs tab).")
-        return gr.skip(), "⚠️ Resume: open a run first (Runs tab)."
+        return gr.skip(), warned("Resume: open a run first (Runs tab).")
     active = runs.active_run(ctx.runs_dir)
     if active:
-        gr.Warning(ONE_RUN.format(name=active.name))
-        return gr.skip(), "⚠️ " + ONE_RUN.format(name=active.name)
+        return gr.skip(), warned(ONE_RUN.format(name=active.name))
     state = runs.run_state(ctx.runs_dir / current)
     if state.status == "done":
         gr.Warning(f"Resume: {current} is finished; raise Iterations and start a new run instead.")
