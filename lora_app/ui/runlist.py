@@ -13,6 +13,7 @@ import pandas as pd
 
 from .. import runs
 from ..config import field_defaults
+from .timeline import fmt, loss_frame
 
 RUN_COLUMNS = ["name", "date", "status", "model", "rank/alpha", "targets", "step", "train loss", "valid loss",
                "best (step)", "adapters"]
@@ -31,8 +32,7 @@ def run_row(state: runs.RunState) -> list:
         short_model(str(c.get("model", "?"))), f"{c.get('rank', '?')}/{c.get('alpha', '?')}",
         f"{','.join(m.rsplit('.', 1)[-1] for m in c.get('modules', []))} @ {c.get('layers', '?')}",
         f"{state.step}/{state.total_steps}",
-        "-" if state.train_loss is None else f"{state.train_loss:.4f}",
-        "-" if state.val_loss is None else f"{state.val_loss:.4f}",
+        fmt(state.train_loss, ".4f"), fmt(state.val_loss, ".4f"),
         best, " ".join(adapter_kinds(state.path)) or "-",
     ]
 
@@ -51,15 +51,11 @@ def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
     for state in runs.list_runs(runs_dir):
         for kind in adapter_kinds(state.path):
             if kind == "best":
-                label = f"{state.name} · best (step {state.best_step}, valid {fmt_loss(state.best_val_loss)})"
+                label = f"{state.name} · best (step {state.best_step}, valid {fmt(state.best_val_loss, '.4f')})"
             else:
                 label = f"{state.name} · latest (step {state.step})"
             out.append((label, str(state.path / kind)))
     return out
-
-
-def fmt_loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 # ---- comparison ------------------------------------------------------------------------------------------
@@ -67,8 +63,6 @@ def fmt_loss(value: float | None) -> str:
 def curve_points(events: list[dict]) -> pd.DataFrame:
     """step, tokens, loss, series for one run (last value per step); validation points get the tokens seen
     at their step, interpolated from the train reports."""
-    from .timeline import loss_frame
-
     frame = loss_frame(events)
     train = {int(e["step"]): e.get("trained_tokens", 0) for e in events if e["event"] == "train"}
     steps = sorted(train)
