@@ -8,9 +8,11 @@ questions of issue 8. Here the cases being compared share one process and run in
 each case is reported as its median over the rounds and as its median ratio to the round's reference case.
 
 Parts (same model and data as gpu_bench.py / gpu_memory.py: 0.5B Qwen2 shape, random bf16 weights, rank 8):
-  loop   the real `Trainer.loop` (the CLI's loop: a fresh compiled step, run-ahead bounded at
-         RUN_AHEAD_MEMORY x step 1's peak, reports every 10 steps) at several RUN_AHEAD_MEMORY factors, against
-         the bare compiled step on the same batches (pipelined, no memory limit): uniform rows and mixed lengths
+  loop   the real `Trainer.loop` (the CLI's loop: a fresh compiled step, reports every 10 steps) with no memory
+         limit, at RUN_AHEAD_MEMORY factors (x step 1's peak) and under fixed memory limits, against the bare
+         compiled step on the same batches (pipelined; no limit, and the middle fixed limit): uniform rows and
+         mixed lengths. In one process step 1 runs on kernels already built, so its peak (the factors' base)
+         is higher than in a fresh CLI process; the fixed limits stand in for the CLI's.
   lora7  where the all-linear step's extra time goes: q/v vs all 7 modules, as the full step, the gradients
          alone (no optimizer update) and the forward loss alone
 """
@@ -87,15 +89,16 @@ def part_loop(a) -> None:
     tokens = statistics.mean(b.trained_tokens for b in batches)
     arrays = [tm.batch_arrays(b) for b in batches]
 
-    def bare() -> dict:
-        mx.set_memory_limit(default_limit)
+    def bare(limit_gb: float | None = None) -> dict:
+        mx.set_memory_limit(int(limit_gb * 1e9) if limit_gb else default_limit)
         step, state = tr.compiled_step()
         tr.model.train()
         return pipelined(step, arrays, state, tokens)
 
-    def loop(factor: float) -> dict:
-        mx.set_memory_limit(default_limit)
-        tm.RUN_AHEAD_MEMORY = factor
+    def loop(factor: float | None = None, limit_gb: float | None = None) -> dict:
+        """The real loop: at a RUN_AHEAD_MEMORY factor, or under a fixed memory limit, or neither."""
+        mx.set_memory_limit(int(limit_gb * 1e9) if limit_gb else default_limit)
+        tm.RUN_AHEAD_MEMORY = factor or 1e6  # a huge factor: bound_run_ahead keeps the limit set here
         tr.progress = tm.Progress()
         events = run_dir / "events.jsonl"
         start = events.stat().st_size if events.exists() else 0
@@ -108,9 +111,13 @@ def part_loop(a) -> None:
         return {"tok_s": (last["trained_tokens"] - first["tokens"]) / (last["time"] - first["time"]),
                 "peak_gb": last["peak_memory_gb"]}
 
-    cases = {"bare compiled step": bare}
+    limits = a.uniform_limits if a.data == "uniform" else a.mixed_limits
+    cases = {"bare compiled step": bare, f"bare compiled step, limit {limits[len(limits) // 2]} GB":
+             partial(bare, limit_gb=limits[len(limits) // 2]), "Trainer.loop, no memory limit": loop}
     for f in a.factors:
         cases[f"Trainer.loop, run-ahead {f}x"] = partial(loop, f)
+    for limit in limits:
+        cases[f"Trainer.loop, limit {limit} GB"] = partial(loop, limit_gb=limit)
     rounds(cases, a.rounds, "bare compiled step")
 
 
@@ -170,7 +177,9 @@ def main() -> None:
     ap.add_argument("--parts", default="lora7,loop")
     ap.add_argument("--data", default="uniform", help="loop part: uniform or mixed")
     ap.add_argument("--loop-data", default="uniform,mixed")
-    ap.add_argument("--factors", default="1.0,1.1", help="loop part: RUN_AHEAD_MEMORY values")
+    ap.add_argument("--factors", default="1.1", help="loop part: RUN_AHEAD_MEMORY values (none: '')")
+    ap.add_argument("--uniform-limits", default="8.8,9.4,10.0", help="loop part: fixed memory limits (GB)")
+    ap.add_argument("--mixed-limits", default="16.0,17.5,19.0", help="loop part: fixed memory limits (GB)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes: check the code paths on CPU")
     ap.add_argument("--batch", type=int, default=8)
@@ -179,9 +188,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/gpu_bench", help="gpu_memory.py --prep's folder (model and data)")
     ap.add_argument("--part-timeout", type=int, default=300)
     a = ap.parse_args()
-    flags = ["--factors", a.factors, "--rounds", str(a.rounds), "--batch", str(a.batch), "--seq", str(a.seq),
+    flags = ["--factors", a.factors, "--uniform-limits", a.uniform_limits, "--mixed-limits", a.mixed_limits,
+             "--rounds", str(a.rounds), "--batch", str(a.batch), "--seq", str(a.seq),
              "--steps", str(a.steps), "--work", a.work] + (["--small"] if a.small else [])
-    a.factors = [float(f) for f in a.factors.split(",")]
+    a.factors = [float(f) for f in a.factors.split(",") if f]
+    a.uniform_limits = [float(x) for x in a.uniform_limits.split(",") if x]
+    a.mixed_limits = [float(x) for x in a.mixed_limits.split(",") if x]
     if a.small:
         a.batch, a.seq, a.steps, a.rounds = 2, 64, 12, min(a.rounds, 2)
         a.work = a.work + "_small"
