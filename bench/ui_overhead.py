@@ -1,6 +1,6 @@
 """UI overhead (issue 8, part 3): the same run started from the real app and from the CLI, alternating.
 
-    .venv/bin/python bench/ui_overhead.py [--repeats 3] [--iters 150] [--write bench/RESULTS.md]
+    .venv/bin/python bench/ui_overhead.py [--repeats 3] [--iters 150] [--browser] [--write bench/RESULTS.md]
 
 The app side is the real thing: `python app.py` in a subprocess, the run started through its /start endpoint
 (gradio_client) and the live view fetched through /poll once a second, as the page's gr.Timer does. Each poll's
@@ -8,11 +8,18 @@ answer is read for the loss plot's points, so the time from a train event's time
 returns its point is the plot-update delay. Tokens/s counts the tokens that carry loss after step 1 (step 1
 includes loading and compiling), from events.jsonl on both sides. Runs alternate CLI, app, CLI, app, ... so a
 drift in the machine's load hits both sides alike; the table gives every run and the medians.
+
+With --browser the page itself drives the app, in Debian's chromium (headless, through Playwright): for each app
+run a fresh page (the finished app runs moved aside, so it attaches to none) imports the settings as YAML, clicks
+Start, and its own gr.Timer polls. A MutationObserver in the page notes when each train point is drawn in the loss
+plot (the plot-update delay), and the CPU of all chromium processes is counted, also for a few seconds with the page
+open and idle before Start. No page is open while the CLI runs, so the CLI side stays a run without a UI.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -27,7 +34,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from lora_app import runs  # noqa: E402
 from lora_app.config import save_config_json  # noqa: E402
-from lora_app.ui.settings import FORM_KEYS, form_to_config  # noqa: E402
+from lora_app.ui.settings import FORM_KEYS, export_yaml, form_to_config  # noqa: E402
+
+IDLE_S = 5  # the page open and idle before Start, to measure what an open page costs by itself
+# In the page: window.seenAt[step] = when the loss plot first drew that train point (Vega's hover points are
+# labelled "step: 10; loss: ...; series: train").
+WATCH_PLOT = """() => {
+  const label = /^step: (\\d+);.*series: train$/;
+  window.seenAt = {};
+  new MutationObserver(() => {
+    const now = Date.now() / 1000;
+    for (const point of document.querySelectorAll('#loss-plot [aria-roledescription="point"]')) {
+      const m = label.exec(point.getAttribute("aria-label") || "");
+      if (m) window.seenAt[m[1]] ??= now;
+    }
+  }).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ["aria-label"]});
+}"""
 
 
 def steady_tokens_per_second(run_dir: Path) -> float:
@@ -66,6 +88,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(root: int) -> list[int]:
+    """Process ids below `root`, through each process's parent id (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def helper_cpu() -> dict[int, tuple[str, float]]:
+    """{pid: (kind, CPU seconds so far)} for this script's chromium processes ("chromium": their binary lies in
+    /usr/lib/chromium, which /usr/bin/chromium, a shell script, execs) and Playwright's driver ("driver": the node
+    process that relays between this script and the browser)."""
+    found = {}
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError, IndexError):
+            exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            kind = "chromium" if exe.startswith("/usr/lib/chromium/") else "driver" if "playwright" in exe else ""
+            if kind:
+                found[pid] = (kind, cpu_seconds(pid))
+    return found
+
+
+def used(before: dict, after: dict, kind: str) -> float:
+    """CPU seconds the `kind` processes used between two helper_cpu() calls (ones that ended are missed)."""
+    return sum(cpu - before.get(pid, (kind, 0.0))[1] for pid, (k, cpu) in after.items() if k == kind)
+
+
+def finished(run_dir: Path) -> runs.RunState | None:
+    state = runs.run_state(run_dir)
+    return state if state.status in runs.TERMINAL | {"interrupted"} and not state.alive else None
+
+
+def outcome(run_dir: Path, state: runs.RunState, seen_at: dict[int, float]) -> tuple[float, list[float]]:
+    """(tokens/s, plot delays in s: from each train report's time stamp to when its point was seen)."""
+    assert state.status == "done", f"{run_dir.name}: {state.status}, see {run_dir / 'train.log'}"
+    delays = [seen_at[e["step"]] - e["time"] for e in runs.read_events(run_dir)
+              if e["event"] == "train" and e["step"] in seen_at]
+    return steady_tokens_per_second(run_dir), delays
+
+
 def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple[float, list[float]]:
     """Start from the app, poll like the page until the run ends; (tokens/s, plot delays in s). Adds the CPU
     seconds the app server and this poller used, and the wall time, to `cpu`."""
@@ -82,18 +151,94 @@ def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple
         for step, _loss, series in plot_points(out):
             if series == "train":
                 seen_at.setdefault(int(step), now)
-        state = runs.run_state(run_dir)
-        if state.status in runs.TERMINAL | {"interrupted"} and not state.alive:
+        state = finished(run_dir)
+        if state:
             break
         time.sleep(max(0.0, 1.0 - (time.time() - now)))
     cpu["server"] = cpu.get("server", 0.0) + cpu_seconds(server) - served
     cpu["poller"] = cpu.get("poller", 0.0) + time.process_time() - mine
     cpu["wall"] = cpu.get("wall", 0.0) + time.time() - wall
-    assert state.status == "done", f"{name}: {state.status}, see {run_dir / 'train.log'}"
-    # the last poll happens after the end: every point has been seen by then
-    delays = [seen_at[e["step"]] - e["time"] for e in runs.read_events(run_dir)
-              if e["event"] == "train" and e["step"] in seen_at]
-    return steady_tokens_per_second(run_dir), delays
+    return outcome(run_dir, state, seen_at)  # the last poll happens after the end: every point has been seen
+
+
+@contextlib.contextmanager
+def chromium():
+    """Debian's chromium through Playwright, with the flags our browser tests use (no background traffic)."""
+    from playwright.sync_api import sync_playwright
+    from test_ui_browser import ARGS, CHROMIUM
+
+    with sync_playwright() as p:
+        yield p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+
+
+def run_in_browser(browser, url: str, settings: Path, runs_dir: Path, name: str,
+                   cpu: dict) -> tuple[float, list[float]]:
+    """A fresh page imports the settings, idles IDLE_S seconds, then clicks Start and shows the run until it ends;
+    (tokens/s, plot delays in s). Adds the CPU seconds of the app server, of chromium and of the harness (the
+    Playwright driver and this script) and the wall time to `cpu`, and those of the idle page to "idle_*"."""
+    from test_ui_client import wait_until
+
+    done = runs_dir.parent / "app-runs-done"  # a fresh page shows the newest run: the finished ones move here,
+    for old in runs_dir.glob("*/"):  # so that the plot starts empty and only ever draws this run's points
+        done.mkdir(exist_ok=True)
+        old.rename(done / old.name)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_role("tab", name="4 · Train").click()
+    page.get_by_text("Command line and YAML").click()
+    page.locator(".block", has_text="Import an mlx_lm.lora YAML config").locator("input[type=file]") \
+        .set_input_files(str(settings))
+    toast = page.get_by_text("Imported the settings").first
+    toast.wait_for(timeout=30_000)
+    page.get_by_label("Run name (optional)").fill(name)
+    toast.wait_for(state="hidden", timeout=60_000)  # its countdown animates: the idle page is measured without it
+
+    server = app_pid(runs_dir)
+    before, served, wall = helper_cpu(), cpu_seconds(server), time.time()
+    time.sleep(IDLE_S)  # the page's timer polls; the server answers that nothing changed
+    after = helper_cpu()
+    cpu["idle_chromium"] = cpu.get("idle_chromium", 0.0) + used(before, after, "chromium")
+    cpu["idle_server"] = cpu.get("idle_server", 0.0) + cpu_seconds(server) - served
+    cpu["idle_wall"] = cpu.get("idle_wall", 0.0) + time.time() - wall
+
+    before, served, mine, wall = helper_cpu(), cpu_seconds(server), time.process_time(), time.time()
+    page.locator("#start").click()
+    page.locator("#train-message").get_by_text("Started").wait_for(timeout=30_000)
+    page.evaluate(WATCH_PLOT)
+    run_dir = runs_dir / name
+    state = wait_until(lambda: finished(run_dir), 3600, f"{name} to end")
+    after = helper_cpu()
+    cpu["server"] = cpu.get("server", 0.0) + cpu_seconds(server) - served
+    cpu["chromium"] = cpu.get("chromium", 0.0) + used(before, after, "chromium")
+    cpu["harness"] = cpu.get("harness", 0.0) + used(before, after, "driver") + time.process_time() - mine
+    cpu["wall"] = cpu.get("wall", 0.0) + time.time() - wall
+
+    # The page draws a poll's frame only when the next changed frame comes (gradio 6.31's LinePlot), so the last
+    # points appear after the run's end, or never when nothing changes after them: wait a while, then count.
+    reports = sum(e["event"] == "train" for e in runs.read_events(run_dir))
+    deadline = time.monotonic() + 5
+    while page.evaluate("Object.keys(window.seenAt).length") < reports and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen_at = {int(step): t for step, t in page.evaluate("window.seenAt").items()}
+    page.close()
+    return outcome(run_dir, state, seen_at)
+
+
+POLLED = {False: "the app polled once a second like the page",
+          True: "the app driven by its page in chromium (headless, Playwright): settings imported as YAML, Start "
+                "clicked, the page's gr.Timer polling once a second; no page open during the CLI runs"}
+
+
+def cpu_line(cpu: dict, browser: bool) -> str:
+    def rate(key: str, wall: str = "wall") -> str:
+        return f"{cpu[key] / cpu[wall] * 1000:.0f} ms per second"
+
+    if not browser:
+        return (f"the app server {rate('server')}, the poller (gradio_client, standing in for the browser) "
+                f"{rate('poller')}")
+    return (f"the app server {rate('server')}, chromium (all its processes) {rate('chromium')}, the harness "
+            f"(Playwright's driver and this script) {rate('harness')}; with the page open and idle before Start: "
+            f"chromium {rate('idle_chromium', 'idle_wall')}, the app server {rate('idle_server', 'idle_wall')}")
 
 
 def main() -> None:
@@ -103,10 +248,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=150)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--browser", action="store_true",
+                    help="Drive the app from its page in chromium instead of polling with gradio_client.")
     ap.add_argument("--write", help="Append the table to this markdown file.")
     args = ap.parse_args()
 
-    from gradio_client import Client
     from test_ui_client import form, running_app
     from tiny import build_text_data, build_tiny_model
 
@@ -118,15 +264,26 @@ def main() -> None:
     env = runs.engine_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
 
-    cli_rates, app_rates, delays, cpu = [], [], [], {}
+    cli_rates, app_rates, delays, cpu, reports = [], [], [], {}, 0
     runs_dir = out / "app-runs"
-    with running_app(runs_dir, env) as url:
-        client = Client(url, verbose=False)
+    with running_app(runs_dir, env) as url, contextlib.ExitStack() as stack:
+        if args.browser:
+            browser, settings = stack.enter_context(chromium()), out / "settings.yaml"
+            settings.write_text(export_yaml(form_to_config(dict(zip(FORM_KEYS, values)))), encoding="utf-8")
+            start = lambda name: run_in_browser(browser, url, settings, runs_dir, name, cpu)  # noqa: E731
+        else:
+            from gradio_client import Client
+
+            client = Client(url, verbose=False)
+            start = lambda name: run_app(client, values, runs_dir, name, cpu)  # noqa: E731
         for i in range(args.repeats):
             cli_rates.append(run_cli(values, out / "cli" / f"run{i}", env))
-            rate, d = run_app(client, values, runs_dir, f"run{i}", cpu)
+            rate, d = start(f"run{i}")
+            # the page's form must have held exactly the CLI's settings
+            assert runs.read_config(runs_dir / f"run{i}") == runs.read_config(out / "cli" / f"run{i}")
             app_rates.append(rate)
             delays += d
+            reports += sum(e["event"] == "train" for e in runs.read_events(runs_dir / f"run{i}"))
             print(f"repeat {i}: CLI {cli_rates[-1]:,.0f} tok/s, app {rate:,.0f} tok/s, "
                   f"plot delay max {max(d):.2f} s", flush=True)
 
@@ -136,16 +293,16 @@ def main() -> None:
             f"{platform.system()}, {os.cpu_count()} CPU cores\n\n"
             f"Command: `.venv/bin/python bench/ui_overhead.py {' '.join(sys.argv[1:])}`  \n"
             f"Tiny llama ({args.layers} layers, hidden {args.hidden}), batch 8, {args.iters} steps, packed text "
-            f"rows; the app polled once a second like the page.\n\n"
+            f"rows; {POLLED[args.browser]}.\n\n"
             "| run | CLI tokens/s | app tokens/s |\n|---|---:|---:|\n"
             + "".join(f"| {i} | {c:,.0f} | {a:,.0f} |\n" for i, (c, a) in enumerate(zip(cli_rates, app_rates)))
             + f"| **median** | **{cli_med:,.0f}** | **{app_med:,.0f}** ({(app_med / cli_med - 1) * 100:+.1f}%) |\n\n"
             f"App vs the CLI run just before it: median {paired:+.1f}% (each pair: "
             f"{', '.join(f'{(a / c - 1) * 100:+.1f}%' for c, a in zip(cli_rates, app_rates))}).\n"
             f"\nPlot update after the train report: mean {statistics.mean(delays):.2f} s, "
-            f"max {max(delays):.2f} s over {len(delays)} reports. CPU used while the app's runs trained: the app "
-            f"server {cpu['server'] / cpu['wall'] * 1000:.0f} ms per second, the poller (gradio_client, standing in "
-            f"for the browser) {cpu['poller'] / cpu['wall'] * 1000:.0f} ms per second, of the "
+            f"max {max(delays):.2f} s over {len(delays)} reports{' (drawn in the page)' if args.browser else ''}"
+            f"{f'; {reports - len(delays)} of {reports} never appeared' if reports > len(delays) else ''}. "
+            f"CPU used while the app's runs trained: {cpu_line(cpu, args.browser)}, of the "
             f"{os.cpu_count() * 1000} ms per second this machine has.\n")
     print(text)
     if args.write:
