@@ -21,7 +21,6 @@ Parts (same model and data as gpu_bench.py / gpu_memory.py: 0.5B Qwen2 shape, ra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
@@ -74,7 +73,7 @@ def part_loop(a) -> None:
     import lora_app.trainer as tm
     from lora_app.config import RunConfig
 
-    default_limit, lifted = mx.get_memory_limit(), tm.limit_lifted
+    default_limit = mx.get_memory_limit()
     work = Path(a.work)
     cfg = RunConfig.from_flat(dict(
         model=str(work / "model"), data=str(work / a.data), batch_size=a.batch, iters=a.steps, rank=8, alpha=16,
@@ -110,10 +109,8 @@ def part_loop(a) -> None:
         mx.eval(state)
         return {"tok_s": tokens * len(batches) / (time.perf_counter() - tic), "peak_gb": mx.get_peak_memory() / 1e9}
 
-    def loop(factor: float | None = None, limit_gb: float | None = None, keep: bool = False) -> dict:
-        """The real loop: at a RUN_AHEAD_MEMORY factor, or under a fixed memory limit, or neither; `keep`:
-        without lifting the limit at its sync points (the loop before trainer.limit_lifted)."""
-        tm.limit_lifted = contextlib.nullcontext if keep else lifted
+    def loop(factor: float | None = None, limit_gb: float | None = None) -> dict:
+        """The real loop: at a RUN_AHEAD_MEMORY factor, or under a fixed memory limit, or neither."""
         mx.set_memory_limit(int(limit_gb * 1e9) if limit_gb else default_limit)
         tm.RUN_AHEAD_MEMORY = factor or 1e6  # a huge factor: bound_run_ahead keeps the limit set here
         tr.progress = tm.Progress()
@@ -137,8 +134,6 @@ def part_loop(a) -> None:
         cases[f"Trainer.loop, run-ahead {f}x"] = partial(loop, f)
     for limit in limits:
         cases[f"Trainer.loop, limit {limit} GB"] = partial(loop, limit_gb=limit)
-    middle = limits[len(limits) // 2]
-    cases[f"Trainer.loop, limit {middle} GB, kept at sync points"] = partial(loop, limit_gb=middle, keep=True)
     rounds(cases, a.rounds, "bare compiled step")
 
 

@@ -13,7 +13,6 @@ import signal
 import time
 import traceback
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -132,25 +131,6 @@ def evaluate(model: Any, batches: list[Batch]) -> float:
     total = mx.distributed.all_sum(total, stream=mx.cpu)
     count = mx.distributed.all_sum(count, stream=mx.cpu)
     return (total / mx.maximum(count, 1)).item()
-
-
-@contextmanager
-def limit_lifted():
-    """Lift MLX's memory limit for host-side work while the GPU is idle (a sync point of the training loop).
-
-    Under a memory limit, MLX's allocator meets an allocation its buffer cache cannot serve (a scalar, a batch's
-    input array) by first freeing cached buffers until active + cached memory is under the limit. At a sync
-    point the cache holds the buffers the next step will need again, and a report's few small arrays would drop
-    them. The limit bounds how far the host runs ahead of the GPU (Trainer.bound_run_ahead); with the GPU idle
-    there is nothing to bound.
-    """
-    import mlx.core as mx
-
-    limit = mx.set_memory_limit(1 << 50)
-    try:
-        yield
-    finally:
-        mx.set_memory_limit(limit)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -371,9 +351,8 @@ class Trainer:
             step = p.step + 1
             if self.cfg.lora.dropout > 0:
                 mx.random.seed(t.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
-            if not upcoming:  # a report window of over 64 steps, or a save or evaluation step ended it
-                with limit_lifted():
-                    upcoming = self.upload(p.step)
+            if not upcoming:  # right after a report's sync (or every 64 steps of a longer report window)
+                upcoming = self.upload(p.step)
             loss, ntoks = step_fn(*upcoming.popleft())
             losses.append((step, loss))
             tok_sum = tok_sum + ntoks
@@ -388,8 +367,7 @@ class Trainer:
                 first_step = False
                 window_start = time.perf_counter()
                 p.trained_tokens += first_tokens
-                with limit_lifted():
-                    tok_sum = mx.array(0.0)
+                tok_sum = mx.array(0.0)
             last = step == self.total_steps
             report = step % t.steps_per_report == 0 or last
             save = step % t.save_every == 0 or last
@@ -398,17 +376,14 @@ class Trainer:
             if not (report or save or evaluate_now or control):
                 continue
             mx.eval(state, tok_sum)
-            with limit_lifted():  # the GPU is idle here: only host-side arrays are made until the next step
-                self.check_finite(losses)
-                new_tokens = int(tok_sum.item())
-                p.trained_tokens += new_tokens
-                window_tokens += new_tokens
-                tok_sum = mx.array(0.0)
-                if (report or control) and losses:
-                    self.report_train(losses, window_tokens, time.perf_counter() - window_start - excluded)
-                    losses, window_tokens, excluded = [], 0, 0.0
-                if report and step < self.total_steps:
-                    upcoming = self.upload(step)
+            self.check_finite(losses)
+            new_tokens = int(tok_sum.item())
+            p.trained_tokens += new_tokens
+            window_tokens += new_tokens
+            tok_sum = mx.array(0.0)
+            if (report or control) and losses:
+                self.report_train(losses, window_tokens, time.perf_counter() - window_start - excluded)
+                losses, window_tokens, excluded = [], 0, 0.0
             aside = time.perf_counter()  # evaluation and saving do not count as training time
             if evaluate_now:
                 self.validate(step)
