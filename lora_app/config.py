@@ -93,7 +93,9 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata={"help": "Checkpoints kept (the newest is never deleted)."})
     seed: int = field(default=0, metadata={"help": "Random seed (LoRA init, data order, dropout)."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations: less memory, slower."})
-    memory_limit_gb: float = field(default=0.0, metadata={"help": "Cap MLX memory (GB, 0: no cap)."})
+    memory_limit_gb: float = field(default=0.0, metadata={"help": (
+        "Cap MLX memory (GB). 0: on a GPU, a cap a little above the first step's peak, which keeps memory low; a "
+        "higher cap lets MLX run further ahead of the GPU, faster at more memory (bench/RESULTS.md).")})
     early_stop_patience: int = field(
         default=0, metadata={"help": "Stop after this many evaluations without improvement (0: off)."}
     )
