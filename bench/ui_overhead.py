@@ -148,8 +148,8 @@ def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple
     while True:
         out = client.predict(api_name="/poll")
         now = time.time()
-        for step, _loss, series in plot_points(out):
-            if series == "train":
+        for step, loss, series in plot_points(out):
+            if series == "train" and loss is not None:  # not the plot's empty lead point (train_step.plot_update)
                 seen_at.setdefault(int(step), now)
         state = finished(run_dir)
         if state:
@@ -213,8 +213,7 @@ def run_in_browser(browser, url: str, settings: Path, runs_dir: Path, name: str,
     cpu["harness"] = cpu.get("harness", 0.0) + used(before, after, "driver") + time.process_time() - mine
     cpu["wall"] = cpu.get("wall", 0.0) + time.time() - wall
 
-    # The page draws a poll's frame only when the next changed frame comes (gradio 6.31's LinePlot), so the last
-    # points appear after the run's end, or never when nothing changes after them: wait a while, then count.
+    # The last points are drawn by the poll after the run's end (up to a second): wait a while, then count.
     reports = sum(e["event"] == "train" for e in runs.read_events(run_dir))
     deadline = time.monotonic() + 5
     while page.evaluate("Object.keys(window.seenAt).length") < reports and time.monotonic() < deadline:

@@ -7,13 +7,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_ui_client import running_app, wait_until
+from test_ui_client import form, running_app, wait_until
 
 from lora_app import runs
+from lora_app.config import save_config_json
+from lora_app.ui.settings import FORM_KEYS, form_to_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,6 +35,21 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
         yield b
         b.close()
+
+
+# The loss plot's drawn points: Vega labels each hover point "step: 10; loss: 2.31; series: train".
+DRAWN = """() => Array.from(document.querySelectorAll('#loss-plot [aria-roledescription="point"]'),
+                           point => point.getAttribute("aria-label") || "")"""
+
+
+def drawn(page) -> set[tuple[str, int]]:
+    """{(series, step)} of the points the page's loss plot shows now."""
+    found = set()
+    for label in page.evaluate(DRAWN):
+        fields = dict(part.split(": ", 1) for part in label.split("; ") if ": " in part)
+        if "series" in fields and "step" in fields:
+            found.add((fields["series"], int(fields["step"].replace(",", ""))))
+    return found
 
 
 def fill(page, elem_id: str, value: str, tag: str = "textarea") -> None:
@@ -70,9 +89,8 @@ def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_e
         wait_until(lambda: sum(e["event"] == "train" for e in runs.read_events(run_dir)) >= 40, 120,
                    "40 loss reports")
         page.locator("#progress").get_by_text("running").wait_for(timeout=30_000)
-        # Both series drawn: the legend lists them (it stays empty when the plot drew no lines).
-        page.locator("#loss-plot").get_by_text("valid", exact=True).wait_for(timeout=30_000)
-        page.locator("#loss-plot").get_by_text("train", exact=True).wait_for(timeout=30_000)
+        # Both series drawn: points of each in the plot (the legend names both from the start).
+        wait_until(lambda: {series for series, _ in drawn(page)} == {"train", "valid"}, 30, "both series drawn")
         page.get_by_text("Hyper-parameters").click()  # folded, so the picture shows the live view
         time.sleep(2)  # the plot's last redraw
         shot = tmp_path / "screenshot.png"
@@ -87,4 +105,40 @@ def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_e
         assert config["rank"] == 4 and config["alpha"] == 8.0
         assert sorted(config["modules"]) == ["mlp.down_proj", "self_attn.q_proj"]
         assert (run_dir / "adapters" / "adapters.safetensors").stat().st_size > 0
+        page.close()
+
+
+def test_plot_draws_each_poll_at_once(browser, tiny_model, text_data, tmp_path, engine_env):
+    """The page draws a poll's points when that poll answers, not at the next changed answer: a finished run's
+    curve appears on opening the page, and a report with nothing changing after it is drawn within 2 s (the 1 s
+    timer plus the draw). Gradio 6.31 drew a poll's frame only at the next changed one when the update also
+    changed a prop (train_step.plot_update), so these points never appeared."""
+    runs_dir = tmp_path / "runs"
+    run_dir = runs_dir / "cli-run"
+    run_dir.mkdir(parents=True)
+    values = form(model=str(tiny_model), data=str(text_data), iters=30, steps_per_report=10, steps_per_eval=15,
+                  save_every=30, learning_rate=1e-3)
+    save_config_json(form_to_config(dict(zip(FORM_KEYS, values))), run_dir / "config.json")
+    with open(run_dir / "train.log", "wb") as log:
+        subprocess.run([sys.executable, "-m", "lora_app", "train", "--config", str(run_dir / "config.json"),
+                        "--out", str(run_dir)], env=engine_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                       check=True, timeout=300)
+    events = runs.read_events(run_dir)
+    points = {("train", e["step"]) for e in events if e["event"] == "train"} | {
+        ("valid", e["step"]) for e in events if e["event"] == "val"}
+    assert ("train", 30) in points and ("valid", 15) in points
+    with running_app(runs_dir, engine_env) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)  # a fresh page shows the newest run: this finished one, whose folder no longer changes
+        page.get_by_role("tab", name="4 · Train").click()
+        page.locator("#progress").get_by_text("done").wait_for(timeout=30_000)
+        wait_until(lambda: drawn(page) >= points, 5, f"the finished run's points {sorted(points)} drawn, "
+                   f"not only {sorted(drawn(page))}")
+
+        # One more report, then nothing: it must be drawn by the poll that first returns it.
+        report = runs.append_event(run_dir, "train", step=40, loss=1.0)
+        while ("train", 40) not in drawn(page):
+            assert time.time() - report["time"] < 2.0, f"step 40 not drawn 2 s after its report: {drawn(page)}"
+            time.sleep(0.05)
+        assert drawn(page) >= points  # the rest of the curve is still there
         page.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+import pandas as pd
 
 from .. import runs
 from ..config import ConfigError, save_config_json
@@ -91,10 +92,20 @@ def poll(ctx: Context, current: str, seen: tuple | None) -> tuple:
             f"Showing **{current}** · {state.status}", version)
 
 
-def plot_update(frame) -> dict:
-    """The frame, with its series named as a prop: the plot's colour domain is only rebuilt when a prop
-    changes (gradio draws no lines for series that were absent at the first draw otherwise)."""
-    return gr.update(value=frame, colors_in_legend=sorted(set(frame["series"])))
+SERIES = ("train", "valid")
+
+
+def plot_update(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame, led by one empty point (loss NaN, which the plot leaves out) per series, and sent as a bare
+    value. Gradio 6.31's LinePlot takes its colour domain from the data only when it builds the chart (the first
+    draw, a resize, any prop change), so a series absent then is never drawn; and an update that changes a prop
+    (colors_in_legend, as we sent before) rebuilds the chart from the previous value, so the page drew each poll
+    only at the next changed one, and a run's last point never (bench/ui_overhead.py --browser). With both
+    series always present the domain is right from the first build and a poll needs no prop: only the data is
+    swapped, which is also much cheaper for the page than a rebuild."""
+    first = int(frame["step"].min()) if len(frame) else 0  # on the curve's range: the x axis stays as it was
+    keys = pd.DataFrame({"step": [first] * len(SERIES), "loss": [float("nan")] * len(SERIES), "series": SERIES})
+    return pd.concat([keys.astype(frame.dtypes.to_dict()), frame], ignore_index=True)
 
 
 def launch_fields(mode: str) -> tuple:
@@ -198,7 +209,7 @@ def build() -> SimpleNamespace:
     c.showing = gr.Markdown("", elem_id="showing")
     c.progress = gr.HTML(elem_id="progress")
     c.stats = gr.Markdown("", elem_id="train-stats")
-    c.plot = gr.LinePlot(timeline.loss_frame([]), x="step", y="loss", color="series", title="Loss",
+    c.plot = gr.LinePlot(plot_update(timeline.loss_frame([])), x="step", y="loss", color="series", title="Loss",
                          height=320, elem_id="loss-plot")
     c.samples = gr.Dataframe(label="Sample probes (step × prompt; the first row is the base model)",
                              interactive=False, wrap=True, elem_id="samples")
