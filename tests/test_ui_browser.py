@@ -37,19 +37,21 @@ def browser():
         b.close()
 
 
-# The loss plot's drawn points: Vega labels each hover point "step: 10; loss: 2.31; series: train".
-DRAWN = """() => Array.from(document.querySelectorAll('#loss-plot [aria-roledescription="point"]'),
-                           point => point.getAttribute("aria-label") || "")"""
+# The points a plot shows: Vega labels each hover point "step: 10; loss: 2.31; series: train".
+POINT_LABELS = """id => Array.from(document.querySelectorAll(`#${id} [aria-roledescription="point"]`),
+                                point => point.getAttribute("aria-label") || "")"""
+
+
+def point_fields(page, elem_id: str) -> list[dict[str, str]]:
+    """The fields of each point the plot `elem_id` shows now."""
+    return [dict(part.split(": ", 1) for part in label.split("; ") if ": " in part)
+            for label in page.evaluate(POINT_LABELS, elem_id)]
 
 
 def drawn(page) -> set[tuple[str, int]]:
     """{(series, step)} of the points the page's loss plot shows now."""
-    found = set()
-    for label in page.evaluate(DRAWN):
-        fields = dict(part.split(": ", 1) for part in label.split("; ") if ": " in part)
-        if "series" in fields and "step" in fields:
-            found.add((fields["series"], int(fields["step"].replace(",", ""))))
-    return found
+    return {(f["series"], int(f["step"].replace(",", ""))) for f in point_fields(page, "loss-plot")
+            if "series" in f and "step" in f}
 
 
 def fill(page, elem_id: str, value: str, tag: str = "textarea") -> None:
@@ -142,3 +144,59 @@ def test_plot_draws_each_poll_at_once(browser, tiny_model, text_data, tmp_path, 
             time.sleep(0.05)
         assert drawn(page) >= points  # the rest of the curve is still there
         page.close()
+
+
+def fake_run(runs_dir: Path, name: str, losses: list[float], lr: float) -> None:
+    """A finished run folder with train reports every 10 steps (no training: only what Compare reads)."""
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(f'{{"learning_rate": {lr}}}', encoding="utf-8")
+    for k, loss in enumerate(losses, start=1):
+        runs.append_event(run_dir, "train", step=10 * k, loss=loss, trained_tokens=1000 * k)
+    runs.append_event(run_dir, "status", status="done", step=10 * len(losses))
+
+
+def test_compare_draws_the_runs_chosen(browser, tmp_path, engine_env):
+    """Compare draws the runs just chosen, on each click: Gradio 6.31's LinePlot rebuilt its chart from the
+    previous value when an update changed a prop (the x column, the y title, the legend)."""
+    runs_dir = tmp_path / "runs"
+    fake_run(runs_dir, "alpha", [3.0, 2.5, 2.0], 1e-4)
+    fake_run(runs_dir, "beta", [3.1, 2.2, 1.9, 1.5], 2e-4)
+    fake_run(runs_dir, "gamma", [2.9, 2.8], 3e-4)
+    with running_app(runs_dir, engine_env) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_role("tab", name="Compare").click()
+
+        def compare(names: list[str], align: str = "step") -> None:
+            box = page.get_by_label("Runs to compare (2 or more)")
+            for _ in range(10):  # clear the choice: each run chosen has a remove button
+                if not page.locator(".token-remove").count():
+                    break
+                page.locator(".token-remove").first.click()
+            for name in names:
+                box.click()
+                page.get_by_role("option", name=name, exact=True).click()
+            page.get_by_label(align, exact=True).check()
+            page.get_by_role("button", name="Compare", exact=True).click()
+
+        def curves() -> set[tuple[str, int]]:
+            return {(series, x) for series, x in compare_drawn(page)}
+
+        compare(["alpha", "beta"])
+        want = {(f"{n} train", 10 * k) for n, m in (("alpha", 3), ("beta", 4)) for k in range(1, m + 1)}
+        wait_until(lambda: curves() == want, 5, f"alpha and beta drawn, not {sorted(curves())}")
+        compare(["beta", "gamma"], "tokens seen")
+        want = {(f"{n} train", 1000 * k) for n, m in (("beta", 4), ("gamma", 2)) for k in range(1, m + 1)}
+        wait_until(lambda: curves() == want, 5, f"beta and gamma by tokens drawn, not {sorted(curves())}")
+        page.close()
+
+
+def compare_drawn(page) -> set[tuple[str, int]]:
+    """{(curve, step or tokens)} of the points the Compare plot shows now."""
+    found = set()
+    for f in point_fields(page, "compare-plot"):
+        x = f.get("step", f.get("tokens"))
+        if "curve" in f and x is not None:
+            found.add((f["curve"], int(float(x.replace(",", "")))))
+    return found

@@ -51,12 +51,13 @@ def compare(ctx: Context, names: list[str] | None, x: str, log_scale: bool, smoo
     names = [n for n in names or [] if (ctx.runs_dir / n).is_dir()]
     if len(names) < 2:
         gr.Warning("Compare: choose at least two runs.")
-        return gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), None
     curves = {n: curve_points(CACHE.events(ctx.runs_dir / n)) for n in names}
     frame = compare_frame(curves, "tokens" if x == "tokens seen" else "step", log_scale, smoothing)
     diff = config_diff({n: runs.read_config(ctx.runs_dir / n) for n in names})
     y = "log10 loss" if log_scale else "loss"
-    return gr.update(value=frame, x=frame.columns[0], y_title=y, colors_in_legend=sorted(set(frame["curve"]))), diff
+    legend = sorted(set(frame["curve"]))
+    return gr.update(value=frame, x=frame.columns[0], y_title=y, colors_in_legend=legend), diff, frame
 
 
 def build_runs(ctx: Context) -> SimpleNamespace:
@@ -81,9 +82,16 @@ def build_compare(ctx: Context) -> SimpleNamespace:
         log_scale = gr.Checkbox(False, label="Log scale")
         smoothing = gr.Slider(0, 0.95, value=0, step=0.05, label="Smoothing")
     go = gr.Button("Compare", variant="primary")
-    plot = gr.LinePlot(compare_frame({}), x="step", y="loss", color="curve", title="Loss", height=360)
+    plot = gr.LinePlot(compare_frame({}), x="step", y="loss", color="curve", title="Loss", height=360,
+                       elem_id="compare-plot")
     diff = gr.Dataframe(label="Settings that differ", interactive=False)
-    go.click(lambda *a: compare(ctx, *a), [pick, x, log_scale, smoothing], [plot, diff], api_name="compare")
+    drawn = gr.State(None)
+    # Two updates: Gradio 6.31's LinePlot rebuilds its chart when a prop changes (the x column, the y title, the
+    # curves in the legend) but draws the rebuilt chart from its previous value, so the frame is sent once more,
+    # alone, once the rebuild is asked for.
+    go.click(lambda *a: compare(ctx, *a), [pick, x, log_scale, smoothing], [plot, diff, drawn],
+             api_name="compare").then(lambda frame: frame if frame is not None else gr.skip(), drawn, plot,
+                                      api_name=False, show_progress="hidden")
     return SimpleNamespace(pick=pick)
 
 
