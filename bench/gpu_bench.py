@@ -339,7 +339,8 @@ def part_ours_loop(a) -> None:
                             str(folder), "--batch-size", str(a.batch), "--iters", str(iters), "--rank", "8",
                             "--alpha", "16", "--learning-rate", "1e-5", "--max-seq-length", "1024",
                             "--batching", mode, "--steps-per-report", "10", "--steps-per-eval", "0",
-                            "--save-every", str(iters), "--out", str(run_dir)], check=True, cwd=ROOT,
+                            "--save-every", str(iters), "--out", str(run_dir)]
+                           + (["--modules", a.modules] if a.modules else []), check=True, cwd=ROOT,
                            env=runs.engine_env())
             process_wall = time.time() - tic
             ev = runs.read_events(run_dir)
@@ -350,7 +351,8 @@ def part_ours_loop(a) -> None:
             total = train[-1]["trained_tokens"]
             after = (total - first.get("tokens", 0)) / max(train[-1]["time"] - first["time"], 1e-9)
             factor = "" if a.run_ahead is None else f", run-ahead {a.run_ahead}x"
-            emit(part="ours_loop", name=f"{name} {mode}{factor}", iters=iters, wall_s=wall, tokens=total,
+            modules = f", modules {a.modules}" if a.modules else ""
+            emit(part="ours_loop", name=f"{name} {mode}{factor}{modules}", iters=iters, wall_s=wall, tokens=total,
                  tok_s_all=total / wall, tok_s_after_first=after, first_step_s=first["time"] - tic,
                  running_to_first_step_s=first["time"] - running["time"],
                  process_wall_s=process_wall,
@@ -441,6 +443,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/gpu_bench")
     ap.add_argument("--loop-data", default="uniform,mixed", help="datasets of the ours_loop part")
     ap.add_argument("--run-ahead", type=float, help="ours_loop: Trainer.RUN_AHEAD_MEMORY for the CLI runs")
+    ap.add_argument("--modules", help="ours_loop: the CLI's --modules (default: the engine's, q/v)")
     ap.add_argument("--part-timeout", type=int, default=200)
     ap.add_argument("--json", help="write all results here")
     a = ap.parse_args()

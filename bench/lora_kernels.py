@@ -6,18 +6,20 @@
 Same model and batch as gpu_bench.py (0.5B Qwen2 shape, random bf16 weights, batch 8 x 512, rank 8).
 Parts, each in its own process:
   gemms  every matmul a LoRA module adds, timed alone for each of the 7 module shapes, next to the base layer's
-         own forward matmul: the forward x A and h B, the add, and the backward g B^T, h^T g, x^T dh, dh A^T;
-         the two weight-gradient products (a long reduction over the 4096 tokens into a thin output) also split
-         over the tokens into S batched pieces and summed, which gives the GPU S times as many tiles.
+         own matmuls: the forward x A and h B, the add (or addmm), and the backward g B^T, h^T g, x^T dh, dh A^T.
+         (Splitting the two weight-gradient products over the tokens by hand was tried and was no faster: cuBLAS
+         already picks split-K kernels for them.)
   update the step's parts: gradients alone, the AdamW update alone (on gradients made beforehand), the full
          step with AdamW and with plain SGD, q/v and all 7 modules (rounds; reference: q/v full step)
-  profile the full step (q/v, all 7) under PyTorch's CUDA profiler (CUPTI sees MLX's kernels too): GPU time per
-         step by kernel, against the wall time per step
-  buffers the full step (q/v and all 7; today's path and addmm) in processes with MLX_MAX_OPS_PER_BUFFER at
+  profile the full step (q/v, all 7; each path in --paths) under PyTorch's CUDA profiler (CUPTI sees MLX's
+         kernels too): GPU time per step by kernel and kernels per step, against the wall time per step
+  buffers the full step (q/v and all 7; each path in --paths) in processes with MLX_MAX_OPS_PER_BUFFER at
          each value of --ops (MLX's CUDA backend puts that many kernels in one CUDA graph; its default is 20),
          the processes interleaved (20, 100, ..., 20, 100, ...), each case's median over rounds and processes
   paths  the full compiled step, q/v and all 7 modules, for each low-rank path in PATHS, in interleaved rounds
-         (gpu_pairs.rounds); reference: q/v on today's path.
+         (gpu_pairs.rounds); reference: q/v on the first path.
+Paths: "engine" is lora_layer.py as it is; "bf16 add" is the engine before it used addmm (scale applied to the
+[tokens, out] product, then a separate add).
 """
 
 # ruff: noqa: B023  (closures are called at once)
@@ -29,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,17 +52,6 @@ def module_shapes(c: dict) -> dict[str, tuple[int, int]]:
     kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
     return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def split_k(p, q, pieces: int):
-    """p^T q (a reduction over the rows) as `pieces` batched products over row blocks, summed in float32."""
-    import mlx.core as mx
-
-    if pieces <= 1 or p.shape[0] % pieces:
-        return p.T @ q
-    pp = p.reshape(pieces, -1, p.shape[-1]).swapaxes(1, 2)
-    qq = q.reshape(pieces, -1, q.shape[-1])
-    return (pp @ qq).astype(mx.float32).sum(0).astype(p.dtype)
 
 
 def random_batches(a) -> list:
@@ -113,76 +106,57 @@ def part_gemms(a) -> None:
             "x^T dh (dA)": lambda i: x.T @ hs[i],
             "dh A^T (dx)": lambda i: hs[i] @ la[i].T,
         }
-        for s in a.pieces:
-            kernels[f"h^T g split {s}"] = lambda i, s=s: split_k(hs[i], g, s)
-            kernels[f"x^T dh split {s}"] = lambda i, s=s: split_k(x, hs[i], s)
         for what, make in kernels.items():
             emit(part="gemms", module=name, shape=[d_in, d_out], kernel=what, us=per_kernel_us(make, k))
 
 
 # ---- paths ---------------------------------------------------------------------------------------------------
 
-def low_rank_delta(pieces: int):
-    """(x A) B with a hand-written gradient: the two weight gradients split over the tokens (split_k)."""
-    import mlx.core as mx
-
-    @mx.custom_function
-    def delta(x, a, b):
-        return (x @ a) @ b
-
-    @delta.vjp
-    def delta_vjp(primals, cotangent, output):
-        x, a, b = primals
-        x2, g2 = x.reshape(-1, x.shape[-1]), cotangent.reshape(-1, cotangent.shape[-1])
-        h = x2 @ a
-        dh = g2 @ b.T
-        return (dh @ a.T).reshape(x.shape), split_k(x2, dh, pieces), split_k(h, g2, pieces)
-
-    return delta
-
-
 def path_call(path: str):
-    """A LoRALinear.__call__ for the bf16 low-rank path named `path` (bf16 models only; this bench's model)."""
-    import mlx.core as mx
+    """LoRALinear.__call__ for the low-rank path named `path`: "engine" (lora_layer.py as it is), or "bf16 add"
+    (the engine before addmm: scale on the [tokens, out] product and a separate add)."""
 
     from lora_app.lora_layer import LoRALinear
 
-    if path == "today":
+    if path == "engine":
         return LoRALinear.__call__
-    if path == "addmm":
+    if path == "bf16 add":
         def call(self, x):
-            b = (self.scale * self.lora_b).astype(x.dtype)
-            return mx.addmm(self.linear(x), self.dropout(x) @ self.lora_a.astype(x.dtype), b)
+            z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+            return self.linear(x) + (self.scale * z).astype(x.dtype)
         return call
-    pieces = int(path.split()[-1]) if path.startswith("custom vjp split") else 1
-    delta = low_rank_delta(pieces)
+    raise ValueError(f"unknown path {path!r}")
 
-    def call(self, x):
-        b = (self.scale * self.lora_b).astype(x.dtype)
-        return self.linear(x) + delta(self.dropout(x), self.lora_a.astype(x.dtype), b)
-    return call
+
+@contextmanager
+def low_rank_path(path: str):
+    """LoRALinear runs `path` inside the block: compile and run a step's first call (its trace) in it."""
+    from lora_app.lora_layer import LoRALinear
+
+    engine = LoRALinear.__call__
+    LoRALinear.__call__ = path_call(path)
+    try:
+        yield
+    finally:
+        LoRALinear.__call__ = engine
 
 
 def part_paths(a) -> None:
 
     from lora_app.config import LoraConfig
     from lora_app.lora import apply_lora
-    from lora_app.lora_layer import LoRALinear
 
     config = SMALL if a.small else QWEN05
     B, T = a.batch, a.seq
     arrays = random_batches(a)
-    today = LoRALinear.__call__
     cases, losses = {}, {}
     for path in a.paths:
-        call = path_call(path)
         for tag, modules in (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)):
             model = build_mlx_model(a, config)
             apply_lora(model, LoraConfig(modules=modules), seed=0)
-            LoRALinear.__call__ = call  # compiled now, so each step keeps its own path
-            step, state = ours_compiled_step(model)
-            losses[f"{tag}, {path}"] = [float(step(*x)[0]) for x in arrays[:3]]
-            LoRALinear.__call__ = today
+            with low_rank_path(path):
+                step, state = ours_compiled_step(model)
+                losses[f"{tag}, {path}"] = [float(step(*x)[0]) for x in arrays[:3]]
             cases[f"{tag}, {path}"] = partial(pipelined, step, arrays, state, B * T)
     emit(part="paths_losses", losses=losses)
     order = [f"{tag}, {p}" for tag in ("q/v", "all 7") for p in a.paths]
@@ -253,10 +227,11 @@ def part_profile(a) -> None:
     arrays = random_batches(a)
     on_gpu = torch.cuda.is_available()  # on a CPU (--small) only the code path is checked: MLX's work is unseen
     kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
-    for tag, modules in (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)):
-        step, state = step_cases(a, modules)[0]["step"]
-        for x in arrays[:3]:
-            mx.eval(step(*x), state)
+    for (tag, modules), path in product((("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)), a.paths):
+        with low_rank_path(path):
+            step, state = step_cases(a, modules)[0]["step"]
+            for x in arrays[:3]:
+                mx.eval(step(*x), state)
         n = min(10, len(arrays))
         with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
             tic = time.perf_counter()
@@ -269,7 +244,7 @@ def part_profile(a) -> None:
             if e.device_type == kind:
                 kernels.setdefault(e.name, []).append(e.device_time if on_gpu else e.cpu_time)  # microseconds
         busy = sum(sum(v) for v in kernels.values()) / n
-        emit(part="profile", tag=tag, wall_ms=wall * 1e3, gpu_busy_ms=busy / 1e3,
+        emit(part="profile", tag=f"{tag}, {path}", wall_ms=wall * 1e3, gpu_busy_ms=busy / 1e3,
              launches_per_step=sum(len(v) for v in kernels.values()) / n,
              top=[[k[:90], sum(v) / n / 1e3, len(v) / n] for k, v in
                   sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:30]])
@@ -283,17 +258,15 @@ def part_steps(a) -> None:
 
     from lora_app.config import LoraConfig
     from lora_app.lora import apply_lora
-    from lora_app.lora_layer import LoRALinear
 
-    arrays, today, cases = random_batches(a), LoRALinear.__call__, {}
+    arrays, cases = random_batches(a), {}
     for tag, modules in (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)):
         for path in a.paths:
             model = build_mlx_model(a, SMALL if a.small else QWEN05)
             apply_lora(model, LoraConfig(modules=modules), seed=0)
-            LoRALinear.__call__ = path_call(path)
-            step, state = ours_compiled_step(model)
-            step(*arrays[0])
-            LoRALinear.__call__ = today
+            with low_rank_path(path):
+                step, state = ours_compiled_step(model)
+                step(*arrays[0])
             cases[f"{tag}, {path}"] = partial(pipelined, step, arrays, state, a.batch * a.seq)
     ops = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default")
     for r in range(a.rounds):
@@ -354,9 +327,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=list(PARTS), help="run one part in this process")
     ap.add_argument("--parts", default="profile,gemms,update,paths")
-    ap.add_argument("--paths", default="today;addmm;custom vjp;custom vjp split 8",
+    ap.add_argument("--paths", default="engine;bf16 add",
                     help="low-rank paths to compare, ';'-separated (paths part); the first is the reference")
-    ap.add_argument("--pieces", default="4,16", help="gemms part: split-K piece counts")
     ap.add_argument("--ops", default="20,100,200", help="buffers part: MLX_MAX_OPS_PER_BUFFER values")
     ap.add_argument("--processes", type=int, default=2, help="buffers part: processes per value")
     ap.add_argument("--rounds", type=int, default=5)
@@ -366,10 +338,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--part-timeout", type=int, default=300)
     a = ap.parse_args()
-    flags = ["--paths", a.paths, "--pieces", a.pieces, "--rounds", str(a.rounds), "--batch", str(a.batch),
+    flags = ["--paths", a.paths, "--rounds", str(a.rounds), "--batch", str(a.batch),
              "--seq", str(a.seq), "--steps", str(a.steps)] + (["--small"] if a.small else [])
     a.paths = [p.strip() for p in a.paths.split(";") if p.strip()]
-    a.pieces = [int(s) for s in a.pieces.split(",") if s]
     a.ops = [int(s) for s in a.ops.split(",") if s]
     if a.small:
         a.batch, a.seq, a.steps, a.rounds = 2, 64, 6, min(a.rounds, 2)

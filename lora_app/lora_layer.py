@@ -6,6 +6,12 @@ product, and runs its two thin matmuls without the GPU's bf16 units. Casting A a
 that path in bf16; the parameters, their gradients and the optimizer state stay float32 (the cast's gradient casts
 back), as under PyTorch autocast. Float16 activations keep the float32 path: with no loss scaling, float16's narrow
 range could flush the adapter's small gradients to zero. Float32 models are unaffected.
+
+In the bf16 path the scale is folded into B (a [rank, out] multiply instead of one on the [tokens, out] product,
+forward and backward) and the product is added by the matmul itself (`mx.addmm`, the GEMM's epilogue) rather than
+by a separate kernel over [tokens, out]. On an H200 (0.5B Qwen2 shape, 8 x 512, bench/lora_kernels.py) this took
+the all-linear step from 3,540 to 3,252 kernels and 51.5 to 49.9 ms of GPU time, and the q/v step from 1,788 to
+1,692 kernels at the same GPU time.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from mlx_lm.tuner.lora import LoRALinear as MlxLmLoRALinear
 
 class LoRALinear(MlxLmLoRALinear):
     def __call__(self, x: mx.array) -> mx.array:
-        dtype = mx.bfloat16 if x.dtype == mx.bfloat16 else self.lora_a.dtype
-        z = (self.dropout(x) @ self.lora_a.astype(dtype)) @ self.lora_b.astype(dtype)
-        return self.linear(x) + (self.scale * z).astype(x.dtype)
+        if x.dtype != mx.bfloat16:
+            return super().__call__(x)
+        y = self.linear(x)
+        # As 2-D [tokens, features] products: with a batch axis addmm is a batched GEMM whose gradient for the
+        # broadcast B is reduced over the batch by a separate kernel.
+        h = self.dropout(x).reshape(-1, x.shape[-1]) @ self.lora_a.astype(x.dtype)
+        b = (self.scale * self.lora_b).astype(x.dtype)
+        return mx.addmm(y.reshape(-1, y.shape[-1]), h, b).reshape(y.shape)
