@@ -200,3 +200,42 @@ def compare_drawn(page) -> set[tuple[str, int]]:
         if "curve" in f and x is not None:
             found.add((f["curve"], int(float(x.replace(",", "")))))
     return found
+
+
+# Before the page's own scripts: count the animation frames the page asks for (page_script.py wraps this).
+COUNT_FRAMES = """window.frames_asked = 0;
+const ask = window.requestAnimationFrame.bind(window);
+window.requestAnimationFrame = callback => { window.frames_asked++; return ask(callback); };"""
+LIVE_OUTPUTS = ["progress", "train-stats", "loss-plot", "samples", "log", "showing"]
+WATCH_OUTPUTS = """ids => { window.mutations = 0;
+  for (const id of ids) new MutationObserver(found => { window.mutations += found.length; }).observe(
+    document.getElementById(id), {subtree: true, childList: true, attributes: true, characterData: true}); }"""
+
+
+def test_idle_page_does_no_work(browser, tmp_path, engine_env):
+    """An open page costs a CPU-only training run little: showing a run that does not change, the timer's ticks
+    leave the six live outputs alone (gradio puts a loading status on each output of a tick, even hidden: 240
+    changes in 4 s before) and nothing asks for animation frames (gradio 6.31's loading screen left a loop of 60
+    frames a second running for good: page_script.py). Together ~100 ms of chromium CPU a second on a 2-core
+    machine (bench/ui_overhead.py --browser)."""
+    runs_dir = tmp_path / "runs"
+    fake_run(runs_dir, "alpha", [3.0, 2.5, 2.0], 1e-4)
+    with running_app(runs_dir, engine_env) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.add_init_script(COUNT_FRAMES)
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(url)
+        page.get_by_role("tab", name="4 · Train").click()
+        page.locator("#progress").get_by_text("done").wait_for(timeout=30_000)
+        wait_until(lambda: len(drawn(page)) == 3, 5, "the run's points drawn")
+        time.sleep(5)  # the loading screen's last animation ends
+        page.evaluate(WATCH_OUTPUTS, LIVE_OUTPUTS)
+        page.evaluate("window.frames_asked = 0")
+        before, start = len(requests), time.monotonic()
+        time.sleep(4)
+        frames, seconds = page.evaluate("window.frames_asked"), time.monotonic() - start
+        assert len(requests) - before >= 3, "the timer still polls a finished run (it may be resumed)"
+        assert page.evaluate("window.mutations") == 0, "idle ticks touched the live outputs"
+        assert frames / seconds < 2, f"an idle page asked for {frames / seconds:.0f} animation frames a second"
+        page.close()

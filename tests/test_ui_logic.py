@@ -226,3 +226,26 @@ def test_calm_queue_slows_gradios_idle_polling(tmp_path):
     assert demo._queue.sleep_when_free < 0.05
     cli.calm_queue(demo)
     assert demo._queue.sleep_when_free == 0.05 and demo._queue.progress_update_sleep_when_free == 0.1
+
+
+def test_poll_sends_only_what_changed(tmp_path):
+    """A poll answers gr.skip() for everything until the run folder changes, and for the sample table while its
+    probes are the ones the page shows (bench/ui_overhead.py --browser: the page's cost)."""
+    import gradio as gr
+
+    from lora_app.ui import train_step
+    from lora_app.ui.context import Context
+
+    skip = type(gr.skip())
+    ctx = Context(tmp_path, None)
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "config.json").write_text('{"iters": 10}')
+    runs.append_event(run, "sample", step=0, prompt="p", answer="a")
+    assert all(isinstance(x, skip) for x in train_step.poll(ctx, "", None)[:6])  # no run shown
+    first = train_step.poll(ctx, "r1", None)
+    assert list(first[3].columns) == ["step", "p"]
+    assert all(isinstance(x, skip) for x in train_step.poll(ctx, "r1", first[6])[:6])
+    runs.append_event(run, "train", step=1, loss=2.0)
+    again = train_step.poll(ctx, "r1", first[6])
+    assert isinstance(again[3], skip) and len(again[2]) == len(first[2]) + 1 and again[6] != first[6]

@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         args.models_dir = None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
+    from starlette.middleware import Middleware
 
     from .blocks import CSS_PATH, build_app
+    from .page_script import PageScript
 
     demo = build_app(args.runs_dir, args.models_dir)
     demo.queue(default_concurrency_limit=4)
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(
         server_name=args.host, server_port=args.port, auth=auth, share=args.share,
         inbrowser=not args.no_browser, theme=gr.themes.Soft(), css_paths=[CSS_PATH] if CSS_PATH.exists() else None,
-        footer_links=["api"],
+        footer_links=["api"], app_kwargs={"middleware": [Middleware(PageScript)]},  # page_script.py says why
     )
 
 

@@ -76,20 +76,24 @@ def initial_run(ctx: Context) -> str:
     return found[0].name if found else ""
 
 
-def poll(ctx: Context, current: str, seen: tuple | None) -> tuple:
-    """Everything the live view shows, from the run folder; skipped when nothing changed."""
+def poll(ctx: Context, current: str, seen: list | None) -> tuple:
+    """Everything the live view shows, from the run folder, and the version shown; skipped when nothing changed.
+    The sample table is skipped too while its probes are the ones shown: the page redraws a table on each update,
+    which costs it more than all the rest of a poll (bench/ui_overhead.py --browser)."""
     if not current or not (ctx.runs_dir / current).is_dir():
         return (gr.skip(),) * 6 + (seen,)
     run_dir = ctx.runs_dir / current
     events = CACHE.events(run_dir)
     state = runs.run_state(run_dir, events)
     log = timeline.log_tail(run_dir)
-    version = [current, len(events), state.status, state.alive, len(log)]
+    samples = sum(e["event"] == "sample" for e in events)
+    version = [current, len(events), state.status, state.alive, len(log), samples]
     if seen == version:
         return (gr.skip(),) * 6 + (seen,)
+    same_samples = seen is not None and seen[0] == current and seen[-1] == samples
     return (timeline.progress_html(state, events), timeline.stats_markdown(state, events),
-            plot_update(timeline.loss_frame(events)), timeline.samples_frame(events), log,
-            f"Showing **{current}** · {state.status}", version)
+            plot_update(timeline.loss_frame(events)), gr.skip() if same_samples else timeline.samples_frame(events),
+            log, f"Showing **{current}** · {state.status}", version)
 
 
 SERIES = ("train", "valid")
@@ -223,7 +227,7 @@ def build() -> SimpleNamespace:
             c.export_file = gr.File(label="YAML", interactive=False)
     c.current = gr.State("")
     c.seen = gr.State(None)
-    c.timer = gr.Timer(1.0)
+    c.timer = gr.Timer(1.0, active=False)  # on while a run is shown: see wire()
     return c
 
 
@@ -239,9 +243,15 @@ def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
     c.resume.click(lambda cur: resume_run(ctx, cur), c.current, [c.current, c.message], api_name="resume")
     live = [c.progress, c.stats, c.plot, c.samples, c.log, c.showing, c.seen]
     # Off the queue: a poll is a quick read of the run folder, and the queue's messages cost the server (and the
-    # page) more CPU than the read itself, CPU that a CPU-only run needs (bench/ui_overhead.py).
+    # page) more CPU than the read itself, CPU that a CPU-only run needs (bench/ui_overhead.py). The loading
+    # status goes on c.seen, a State, which the page does not draw: by default gradio puts it on each output,
+    # even with show_progress="hidden", and each status runs an animation loop and re-renders its component on
+    # every tick, when nothing changed too (~40 ms of chromium CPU a second on a 2-core machine).
     c.timer.tick(lambda cur, seen: poll(ctx, cur, seen), [c.current, c.seen], live, api_name="poll",
-                 show_progress="hidden", queue=False)
+                 show_progress="hidden", show_progress_on=c.seen, queue=False)
+    # With no run to show (none yet) the timer is off: Start, Resume, opening a run or the page's load turn it on.
+    c.current.change(lambda cur: gr.Timer(active=bool(cur)), c.current, c.timer, show_progress="hidden",
+                     queue=False)
     gr.on([x.change for x in [*form, c.launch_mode, c.nproc]], preview_command, [*form, c.launch_mode, c.nproc],
           c.command, api_name="command_preview", show_progress="hidden")
     c.export.click(export_settings, form, c.export_file, api_name="export_settings_yaml")
