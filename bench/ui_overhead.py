@@ -48,7 +48,8 @@ WATCH_PLOT = """() => {
       const m = label.exec(point.getAttribute("aria-label") || "");
       if (m) window.seenAt[m[1]] ??= now;
     }
-  }).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ["aria-label"]});
+  }).observe(document.getElementById("loss-plot"), {subtree: true, childList: true, attributes: true,
+                                                     attributeFilter: ["aria-label"]});  // the plot only: cheap
 }"""
 
 

@@ -255,4 +255,7 @@ def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
     gr.on([x.change for x in [*form, c.launch_mode, c.nproc]], preview_command, [*form, c.launch_mode, c.nproc],
           c.command, api_name="command_preview", show_progress="hidden")
     c.export.click(export_settings, form, c.export_file, api_name="export_settings_yaml")
-    c.import_file.upload(import_settings, [c.import_file, info], form, api_name="import_yaml")
+    # The loading status on the upload, not on the 25 fields: gradio updates every component that has carried a
+    # status again on each later request of the page, polls included (bench/ui_overhead.py --browser).
+    c.import_file.upload(import_settings, [c.import_file, info], form, api_name="import_yaml",
+                         show_progress_on=c.import_file)
