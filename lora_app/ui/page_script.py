@@ -3,8 +3,8 @@
 Each output's status tracker runs a requestAnimationFrame loop (its elapsed-time counter) while its event is
 pending, and stops it only when it sees the status change; one destroyed while pending never stops. The app's own
 loading screen is such a tracker, always: it goes away as the page finishes loading, so every open page asks for
-a frame 60 times a second for as long as it is open, ~65 ms of CPU per second on a 2-core machine with nothing
-else happening (bench/ui_overhead.py --browser), taken from a CPU-only training run. The script below serves the
+a frame 60 times a second for as long as it is open, 57-84 ms of CPU per second on a 2-core machine with nothing
+else happening (bench/page_cpu.py), taken from a CPU-only training run. The script below serves the
 trackers' frame requests with a 100 ms timer instead: their counter shows tenths of a second anyway, and a leaked
 loop then costs ten tiny timer tasks a second and no frames. It has to run before gradio's modules, which keep
 their own reference to requestAnimationFrame, so gr.Blocks(head=...), added after loading, is too late.

@@ -79,7 +79,7 @@ def initial_run(ctx: Context) -> str:
 def poll(ctx: Context, current: str, seen: list | None) -> tuple:
     """Everything the live view shows, from the run folder, and the version shown; skipped when nothing changed.
     The sample table is skipped too while its probes are the ones shown: the page redraws a table on each update,
-    which costs it more than all the rest of a poll (bench/ui_overhead.py --browser)."""
+    15-20 ms of its CPU a second while a run reports (bench/page_cpu.py)."""
     if not current or not (ctx.runs_dir / current).is_dir():
         return (gr.skip(),) * 6 + (seen,)
     run_dir = ctx.runs_dir / current
