@@ -45,6 +45,16 @@ def flops_per_token(c: dict, seq: int) -> float:
     return 2 * (2 * linear + attn)
 
 
+def run_part(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[str, int | str, list[dict]]:
+    """Run one part in a process of its own: (its output, its exit status or "timeout", its RESULT records)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        text, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        text, rc = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+    return text, rc, [json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")]
+
+
 def timed(fn, steps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn(sync=True)
@@ -459,14 +469,8 @@ def main() -> None:
         passed = [x for x in sys.argv[1:] if not x.startswith("--parts")]  # use --parts=a,b
         cmd = [sys.executable, __file__, "--part", part, *passed]
         tic = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.part_timeout, cwd=ROOT)
-            out, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                results.append(json.loads(line[7:]))
+        out, rc, got = run_part(cmd, a.part_timeout)
+        results += got
         print(f"[{part}] rc={rc} {time.perf_counter() - tic:.0f}s", flush=True)
         if rc != 0:
             print("\n".join(out.splitlines()[-25:]), flush=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, ours_compiled_step  # noqa: E402
+from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, ours_compiled_step, run_part  # noqa: E402
 
 
 def rounds(cases: dict, n: int, reference: str) -> None:
@@ -221,12 +220,7 @@ def main() -> None:
         for data in a.loop_data.split(",") if part == "loop" else ["-"]:
             cmd = [sys.executable, __file__, "--part", part, *flags] + (["--data", data] if part == "loop" else [])
             tic = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.part_timeout, cwd=ROOT)
-                text, rc = proc.stdout + proc.stderr, proc.returncode
-            except subprocess.TimeoutExpired as e:
-                text, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else str(e.stdout), "timeout"
-            got = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")]
+            text, rc, got = run_part(cmd, a.part_timeout)
             print(f"[{part} {data}] rc={rc} {time.perf_counter() - tic:.0f}s", flush=True)
             if rc != 0 or not got:
                 print("\n".join(text.splitlines()[-20:]), flush=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, ours_compiled_step  # noqa: E402
+from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, ours_compiled_step, run_part  # noqa: E402
 from gpu_pairs import pipelined, rounds, table  # noqa: E402
 
 RANK = 8
@@ -275,12 +274,7 @@ def buffers(a, flags: list[str]) -> list[str]:
         for ops in a.ops:
             env = dict(os.environ, MLX_MAX_OPS_PER_BUFFER=str(ops))
             cmd = [sys.executable, __file__, "--part", "steps", *flags]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.part_timeout, cwd=ROOT, env=env)
-                text = proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as e:
-                text = e.stdout.decode() if isinstance(e.stdout, bytes) else str(e.stdout or "")
-            rows = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")]
+            text, _, rows = run_part(cmd, a.part_timeout, env)
             print(f"[buffers ops={ops} process {rep}] {len(rows)} results", flush=True)
             if not rows:
                 print("\n".join(text.splitlines()[-15:]), flush=True)
@@ -347,12 +341,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--part", part, *flags]
         tic = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.part_timeout, cwd=ROOT)
-            text, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            text, rc = e.stdout.decode() if isinstance(e.stdout, bytes) else str(e.stdout or ""), "timeout"
-        got = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")]
+        text, rc, got = run_part(cmd, a.part_timeout)
         print(f"[{part}] rc={rc} {time.perf_counter() - tic:.0f}s", flush=True)
         if rc != 0 or not got:
             print("\n".join(text.splitlines()[-20:]), flush=True)
