@@ -45,6 +45,18 @@ from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, ours_compiled_
 from gpu_pairs import pipelined, rounds, table  # noqa: E402
 
 RANK = 8
+TARGETS = (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7))  # (tag, modules) of every step compared
+
+
+def lora_step(a, modules: list[str]) -> tuple:
+    """A fresh model with LoRA on `modules` and the engine's compiled step for it: (model, step, state). The step
+    traces its low-rank path at its first call: make that call inside low_rank_path(...) to pick one."""
+    from lora_app.config import LoraConfig
+    from lora_app.lora import apply_lora
+
+    model = build_mlx_model(a, SMALL if a.small else QWEN05)
+    apply_lora(model, LoraConfig(modules=modules), seed=0)
+    return (model, *ours_compiled_step(model))
 
 
 def module_shapes(c: dict) -> dict[str, tuple[int, int]]:
@@ -141,26 +153,23 @@ def low_rank_path(path: str):
         LoRALinear.__call__ = engine
 
 
-def part_paths(a) -> None:
-
-    from lora_app.config import LoraConfig
-    from lora_app.lora import apply_lora
-
-    config = SMALL if a.small else QWEN05
-    B, T = a.batch, a.seq
-    arrays = random_batches(a)
-    cases, losses = {}, {}
-    for path in a.paths:
-        for tag, modules in (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)):
-            model = build_mlx_model(a, config)
-            apply_lora(model, LoraConfig(modules=modules), seed=0)
+def path_steps(a) -> tuple[dict, dict]:
+    """For each target and each path in a.paths, a fresh model's compiled step, traced on that path: (name ->
+    a pipelined run of it, name -> its first 3 losses)."""
+    arrays, cases, losses = random_batches(a), {}, {}
+    for tag, modules in TARGETS:
+        for path in a.paths:
+            _, step, state = lora_step(a, modules)
             with low_rank_path(path):
-                step, state = ours_compiled_step(model)
                 losses[f"{tag}, {path}"] = [float(step(*x)[0]) for x in arrays[:3]]
-            cases[f"{tag}, {path}"] = partial(pipelined, step, arrays, state, B * T)
+            cases[f"{tag}, {path}"] = partial(pipelined, step, arrays, state, a.batch * a.seq)
+    return cases, losses
+
+
+def part_paths(a) -> None:
+    cases, losses = path_steps(a)
     emit(part="paths_losses", losses=losses)
-    order = [f"{tag}, {p}" for tag in ("q/v", "all 7") for p in a.paths]
-    rounds({name: cases[name] for name in order}, a.rounds, f"q/v, {a.paths[0]}")
+    rounds(cases, a.rounds, f"q/v, {a.paths[0]}")
 
 
 # ---- update / profile -----------------------------------------------------------------------------------------
@@ -171,13 +180,9 @@ def step_cases(a, modules: list[str]) -> dict:
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from lora_app.config import LoraConfig
-    from lora_app.lora import apply_lora
     from lora_app.trainer import loss_fn
 
-    model = build_mlx_model(a, SMALL if a.small else QWEN05)
-    apply_lora(model, LoraConfig(modules=modules), seed=0)
-    step, state = ours_compiled_step(model)
+    model, step, state = lora_step(a, modules)
     lvg = nn.value_and_grad(model, loss_fn)
     plain = [model.state, mx.random.state]
     grads = mx.compile(lambda *b: lvg(model, *b), inputs=plain, outputs=plain)
@@ -199,7 +204,7 @@ def part_update(a) -> None:
     B, T = a.batch, a.seq
     arrays = random_batches(a)
     cases = {}
-    for tag, modules in (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)):
+    for tag, modules in TARGETS:
         got, model = step_cases(a, modules)
         for name in ("step", "gradients only", "step, SGD"):
             fn, state = got[name]
@@ -215,13 +220,12 @@ def part_profile(a) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-
     arrays = random_batches(a)
     on_gpu = torch.cuda.is_available()  # on a CPU (--small) only the code path is checked: MLX's work is unseen
     kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
-    for (tag, modules), path in product((("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)), a.paths):
+    for (tag, modules), path in product(TARGETS, a.paths):
+        _, step, state = lora_step(a, modules)
         with low_rank_path(path):
-            step, state = step_cases(a, modules)[0]["step"]
             for x in arrays[:3]:
                 mx.eval(step(*x), state)
         n = min(10, len(arrays))
@@ -248,18 +252,7 @@ def part_steps(a) -> None:
     """One process of the buffers part: the full step for q/v and all 7 on the paths in a.paths."""
     import os
 
-    from lora_app.config import LoraConfig
-    from lora_app.lora import apply_lora
-
-    arrays, cases = random_batches(a), {}
-    for tag, modules in (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7)):
-        for path in a.paths:
-            model = build_mlx_model(a, SMALL if a.small else QWEN05)
-            apply_lora(model, LoraConfig(modules=modules), seed=0)
-            with low_rank_path(path):
-                step, state = ours_compiled_step(model)
-                step(*arrays[0])
-            cases[f"{tag}, {path}"] = partial(pipelined, step, arrays, state, a.batch * a.seq)
+    cases, _ = path_steps(a)
     ops = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default")
     for r in range(a.rounds):
         for name, run in cases.items():
