@@ -14,9 +14,11 @@ Parts, each in its own process:
          changes), so the GPU can overlap them: their gap to the full step is not the optimizer's cost.
   profile the full step (q/v, all 7; each path in --paths) under PyTorch's CUDA profiler (CUPTI sees MLX's
          kernels too): GPU time per step by kernel and kernels per step, against the wall time per step
-  buffers the full step (q/v and all 7; each path in --paths) in processes with MLX_MAX_OPS_PER_BUFFER at
-         each value of --ops (MLX's CUDA backend puts that many kernels in one CUDA graph; its default is 20),
-         the processes interleaved (20, 100, ..., 20, 100, ...), each case's median over rounds and processes
+  buffers the full step (q/v and all 7; each path in --paths) in processes with each environment in --envs
+         (default: MLX_MAX_OPS_PER_BUFFER at each value of --ops; MLX's CUDA backend puts that many kernels in
+         one CUDA graph, 20 by default), the processes interleaved (env 1, env 2, ..., env 1, env 2, ...), each
+         case's median over rounds and processes. E.g. --envs "default;MLX_USE_CUDA_GRAPHS=0" compares MLX's
+         CUDA graphs with plain kernel launches.
   paths  the full compiled step, q/v and all 7 modules, for each low-rank path in PATHS, in interleaved rounds
          (gpu_pairs.rounds); reference: q/v on the first path.
 Paths: "engine" is lora_layer.py as it is; "bf16 add" is the engine before it used addmm (scale applied to the
@@ -253,10 +255,9 @@ def part_steps(a) -> None:
     import os
 
     cases, _ = path_steps(a)
-    ops = os.environ.get("MLX_MAX_OPS_PER_BUFFER", "default")
     for r in range(a.rounds):
         for name, run in cases.items():
-            emit(part="steps", ops=ops, case=name, round=r, **run())
+            emit(part="steps", env=os.environ.get("LORA_KERNELS_ENV", "default"), case=name, round=r, **run())
 
 
 def buffers(a, flags: list[str]) -> list[str]:
@@ -264,23 +265,24 @@ def buffers(a, flags: list[str]) -> list[str]:
 
     got = []
     for rep in range(a.processes):
-        for ops in a.ops:
-            env = dict(os.environ, MLX_MAX_OPS_PER_BUFFER=str(ops))
+        for tag in a.envs:
+            settings = dict(kv.split("=", 1) for kv in tag.split() if tag != "default")
+            env = dict(os.environ, LORA_KERNELS_ENV=tag, **settings)
             cmd = [sys.executable, __file__, "--part", "steps", *flags]
             text, _, rows = run_part(cmd, a.part_timeout, env)
-            print(f"[buffers ops={ops} process {rep}] {len(rows)} results", flush=True)
+            print(f"[buffers {tag} process {rep}] {len(rows)} results", flush=True)
             if not rows:
                 print("\n".join(text.splitlines()[-15:]), flush=True)
             got += rows
     if not got:
         return []
     names = list(dict.fromkeys(r["case"] for r in got))
-    lines = ["**Full step (tokens/s, median over rounds and processes) by MLX_MAX_OPS_PER_BUFFER**", "",
-             "| case | " + " | ".join(f"ops {o}" for o in a.ops) + " |", "|---|" + "---:|" * len(a.ops)]
+    lines = ["**Full step (tokens/s, median over rounds and processes) by environment**", "",
+             "| case | " + " | ".join(a.envs) + " |", "|---|" + "---:|" * len(a.envs)]
     for name in names:
         cells = []
-        for o in a.ops:
-            xs = [r["tok_s"] for r in got if r["case"] == name and r["ops"] == str(o)]
+        for tag in a.envs:
+            xs = [r["tok_s"] for r in got if r["case"] == name and r["env"] == tag]
             cells.append(f"{statistics.median(xs):,.0f} ({min(xs) / 1e3:.0f}-{max(xs) / 1e3:.0f}k)" if xs else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return ["\n".join(lines)]
@@ -310,6 +312,8 @@ def main() -> None:
     ap.add_argument("--paths", default="engine;bf16 add",
                     help="low-rank paths to compare, ';'-separated (paths part); the first is the reference")
     ap.add_argument("--ops", default="20,100,200", help="buffers part: MLX_MAX_OPS_PER_BUFFER values")
+    ap.add_argument("--envs", help="buffers part: ';'-separated environments, each 'default' or space-separated "
+                    "NAME=value settings (overrides --ops)")
     ap.add_argument("--processes", type=int, default=2, help="buffers part: processes per value")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes: check the code paths on CPU")
@@ -321,7 +325,8 @@ def main() -> None:
     flags = ["--paths", a.paths, "--rounds", str(a.rounds), "--batch", str(a.batch),
              "--seq", str(a.seq), "--steps", str(a.steps)] + (["--small"] if a.small else [])
     a.paths = [p.strip() for p in a.paths.split(";") if p.strip()]
-    a.ops = [int(s) for s in a.ops.split(",") if s]
+    a.envs = ([e.strip() for e in a.envs.split(";") if e.strip()] if a.envs else
+              [f"MLX_MAX_OPS_PER_BUFFER={o}" for o in a.ops.split(",") if o])
     if a.small:
         a.batch, a.seq, a.steps, a.rounds = 2, 64, 6, min(a.rounds, 2)
     if a.part:

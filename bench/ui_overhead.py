@@ -1,6 +1,8 @@
 """UI overhead (issue 8, part 3): the same run started from the real app and from the CLI, alternating.
 
     .venv/bin/python bench/ui_overhead.py [--repeats 3] [--iters 150] [--browser] [--write bench/RESULTS.md]
+    python3 bench/ui_overhead.py --model /tmp/gpu_bench/model --data /tmp/gpu_bench/uniform --rank 8 --alpha 16 \
+        --learning-rate 1e-5 --max-seq-length 1024        # on the GPU machine, after gpu_memory.py --prep
 
 The app side is the real thing: `python app.py` in a subprocess, the run started through its /start endpoint
 (gradio_client) and the live view fetched through /poll once a second, as the page's gr.Timer does. Each poll's
@@ -69,6 +71,19 @@ def run_cli(values: list, run_dir: Path, env: dict) -> float:
                         "--out", str(run_dir)], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                        check=True)
     return steady_tokens_per_second(run_dir)
+
+
+def run_spawned(values: list, run_dir: Path) -> float:
+    """The CLI started the way the app starts it (runs.start_training: its own session, output to train.log), with
+    no app involved: tells the spawn path's cost from the UI's."""
+    run_dir.mkdir(parents=True)
+    save_config_json(form_to_config(dict(zip(FORM_KEYS, values))), run_dir / "config.json")
+    runs.start_training(run_dir).wait()
+    return steady_tokens_per_second(run_dir)
+
+
+def report_rates(run_dir: Path) -> str:
+    return " ".join(f"{e['tokens_per_second'] / 1e3:.0f}k" for e in runs.read_events(run_dir) if e["event"] == "train")
 
 
 def app_pid(runs_dir: Path) -> int:
@@ -224,6 +239,21 @@ def run_in_browser(browser, url: str, settings: Path, runs_dir: Path, name: str,
     return outcome(run_dir, state, seen_at)
 
 
+def rates_table(cli: list[float], spawned: list[float], app: list[float]) -> str:
+    """Markdown: each run's tokens/s and the medians (app and spawned also as % of the CLI's median)."""
+    cols = [("CLI", cli)] + ([("CLI started like the app", spawned)] if spawned else []) + [("app", app)]
+    base = statistics.median(cli)
+
+    def median(xs: list[float]) -> str:
+        m = statistics.median(xs)
+        return f"**{m:,.0f}**" + (f" ({(m / base - 1) * 100:+.1f}%)" if xs is not cli else "")
+
+    return ("| run | " + " | ".join(f"{name} tokens/s" for name, _ in cols) + " |\n|---|" + "---:|" * len(cols)
+            + "\n" + "".join(f"| {i} | " + " | ".join(f"{xs[i]:,.0f}" for _, xs in cols) + " |\n"
+                             for i in range(len(cli)))
+            + "| **median** | " + " | ".join(median(xs) for _, xs in cols) + " |\n\n")
+
+
 POLLED = {False: "the app polled once a second like the page",
           True: "the app driven by its page in chromium (headless, Playwright): settings imported as YAML, Start "
                 "clicked, the page's gr.Timer polling once a second; no page open during the CLI runs"}
@@ -248,8 +278,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=150)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--model", help="an existing model folder (default: a tiny llama of --layers x --hidden)")
+    ap.add_argument("--data", help="an existing data folder (default: generated text rows)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--max-seq-length", type=int, default=2048)
     ap.add_argument("--browser", action="store_true",
                     help="Drive the app from its page in chromium instead of polling with gradio_client.")
+    ap.add_argument("--spawned", action="store_true",
+                    help="Also run the CLI as the app starts it (runs.start_training), no app: a third column.")
     ap.add_argument("--write", help="Append the table to this markdown file.")
     args = ap.parse_args()
 
@@ -257,14 +296,18 @@ def main() -> None:
     from tiny import build_text_data, build_tiny_model
 
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    model = build_tiny_model(out / "model", layers=args.layers, hidden=args.hidden, vocab_size=512)
-    data = build_text_data(out / "data", n_train=512, n_valid=16)
-    values = form(model=str(model), data=str(data), iters=args.iters, batch_size=8, steps_per_report=10,
-                  steps_per_eval=0, save_every=args.iters, learning_rate=1e-3)
+    out.mkdir(parents=True)
+    model = args.model or build_tiny_model(out / "model", layers=args.layers, hidden=args.hidden, vocab_size=512)
+    data = args.data or build_text_data(out / "data", n_train=512, n_valid=16)
+    values = form(model=str(model), data=str(data), iters=args.iters, batch_size=args.batch_size,
+                  steps_per_report=10, steps_per_eval=0, save_every=args.iters, learning_rate=args.learning_rate,
+                  rank=args.rank, alpha=args.alpha, max_seq_length=args.max_seq_length)
+    what = (f"model {model}" if args.model else f"Tiny llama ({args.layers} layers, hidden {args.hidden})") + \
+        f", batch {args.batch_size}, rank {args.rank}, alpha {args.alpha:g}, {args.iters} steps, packed rows"
     env = runs.engine_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
 
-    cli_rates, app_rates, delays, cpu, reports = [], [], [], {}, 0
+    cli_rates, spawned_rates, app_rates, delays, cpu, reports = [], [], [], [], {}, 0
     runs_dir = out / "app-runs"
     with running_app(runs_dir, env) as url, contextlib.ExitStack() as stack:
         if args.browser:
@@ -278,25 +321,27 @@ def main() -> None:
             start = lambda name: run_app(client, values, runs_dir, name, cpu)  # noqa: E731
         for i in range(args.repeats):
             cli_rates.append(run_cli(values, out / "cli" / f"run{i}", env))
+            if args.spawned:
+                spawned_rates.append(run_spawned(values, out / "spawned" / f"run{i}"))
             rate, d = start(f"run{i}")
             # the page's form must have held exactly the CLI's settings
             assert runs.read_config(runs_dir / f"run{i}") == runs.read_config(out / "cli" / f"run{i}")
             app_rates.append(rate)
             delays += d
             reports += sum(e["event"] == "train" for e in runs.read_events(runs_dir / f"run{i}"))
-            print(f"repeat {i}: CLI {cli_rates[-1]:,.0f} tok/s, app {rate:,.0f} tok/s, "
-                  f"plot delay max {max(d):.2f} s", flush=True)
+            print(f"repeat {i}: CLI {cli_rates[-1]:,.0f} tok/s, "
+                  + (f"spawned {spawned_rates[-1]:,.0f} tok/s, " if args.spawned else "")
+                  + f"app {rate:,.0f} tok/s, plot delay max {max(d):.2f} s", flush=True)
+            for side in ("cli", "spawned") if args.spawned else ("cli",):
+                print(f"  {side} per report: {report_rates(out / side / f'run{i}')}")
+            print(f"  app per report: {report_rates(runs_dir / f'run{i}')}", flush=True)
 
-    cli_med, app_med = statistics.median(cli_rates), statistics.median(app_rates)
     paired = statistics.median((a / c - 1) * 100 for c, a in zip(cli_rates, app_rates))
     text = (f"\n### UI overhead (`bench/ui_overhead.py`) — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
             f"{platform.system()}, {os.cpu_count()} CPU cores\n\n"
             f"Command: `.venv/bin/python bench/ui_overhead.py {' '.join(sys.argv[1:])}`  \n"
-            f"Tiny llama ({args.layers} layers, hidden {args.hidden}), batch 8, {args.iters} steps, packed text "
-            f"rows; {POLLED[args.browser]}.\n\n"
-            "| run | CLI tokens/s | app tokens/s |\n|---|---:|---:|\n"
-            + "".join(f"| {i} | {c:,.0f} | {a:,.0f} |\n" for i, (c, a) in enumerate(zip(cli_rates, app_rates)))
-            + f"| **median** | **{cli_med:,.0f}** | **{app_med:,.0f}** ({(app_med / cli_med - 1) * 100:+.1f}%) |\n\n"
+            f"{what}; {POLLED[args.browser]}.\n\n"
+            + rates_table(cli_rates, spawned_rates, app_rates) +
             f"App vs the CLI run just before it: median {paired:+.1f}% (each pair: "
             f"{', '.join(f'{(a / c - 1) * 100:+.1f}%' for c, a in zip(cli_rates, app_rates))}).\n"
             f"\nPlot update after the train report: mean {statistics.mean(delays):.2f} s, "

@@ -1,0 +1,148 @@
+"""UI overhead (issue 8, part 3) inside one run: the app polls in some windows of a run and not in others.
+
+    .venv/bin/python bench/ui_alternating.py [--iters 1500] [--window 5]
+    python3 bench/ui_alternating.py --model /tmp/gpu_bench/model --data /tmp/gpu_bench/uniform --rank 8 \\
+        --alpha 16 --learning-rate 1e-5 --max-seq-length 1024 --iters 3000   # the GPU machine, after --prep
+
+bench/ui_overhead.py compares whole runs, CLI against app; on the lent GPU machine the same CLI run drifts
+between ~85k and ~150k tokens/s for seconds at a time (bench/RESULTS.md), which swamps a 2% question. Here one
+run, started from the real app (`python app.py`, its /start endpoint), is watched through the app's /poll once
+a second (as the page's gr.Timer does) during "on" windows and not at all during "off" windows, alternating
+every --window seconds. Each train report covers the steps since the previous one; the reports whose span lies
+inside one window are summed per side (tokens / seconds), and each on window is compared with the mean of the
+off windows on either side of it (so a steady drift cancels). What is left is the UI's cost. The windows go to
+windows.json beside the run folder, for a second look at the run's events.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ui_overhead import app_pid, cpu_seconds, finished  # noqa: E402
+
+from lora_app import runs  # noqa: E402
+
+
+def window_rates(events: list[dict], windows: list[tuple[float, float, bool]]) -> list[tuple[bool, float, float]]:
+    """(on, tokens, seconds) per window, from the train reports whose span (previous report -> this one) lies
+    inside it. Step 1 (loading, compiling) and the reports that straddle a window's edge are left out."""
+    first = next(e for e in events if e["event"] == "first_step")
+    prev_time, prev_tokens = first["time"], first["tokens"]
+    spans = []
+    for e in events:
+        if e["event"] == "train" and e["time"] > prev_time:
+            spans.append((prev_time, e["time"], e["trained_tokens"] - prev_tokens))
+            prev_time, prev_tokens = e["time"], e["trained_tokens"]
+    out = []
+    for start, end, on in windows:
+        inside = [(t1 - t0, n) for t0, t1, n in spans if t0 >= start and t1 <= end]
+        if inside:
+            out.append((on, sum(n for _, n in inside), sum(s for s, _ in inside)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "ui_alternating"))
+    ap.add_argument("--iters", type=int, default=1500)
+    ap.add_argument("--window", type=float, default=5.0, help="seconds per on / off window")
+    ap.add_argument("--model", help="an existing model folder (default: a tiny llama, 4 layers x 256)")
+    ap.add_argument("--data", help="an existing data folder (default: generated text rows)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--max-seq-length", type=int, default=2048)
+    ap.add_argument("--write", help="Append the result to this markdown file.")
+    args = ap.parse_args()
+
+    from gradio_client import Client
+    from test_ui_client import form, plot_points, running_app
+    from tiny import build_text_data, build_tiny_model
+
+    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    model = args.model or build_tiny_model(out / "model", layers=4, hidden=256, vocab_size=512)
+    data = args.data or build_text_data(out / "data", n_train=512, n_valid=16)
+    values = form(model=str(model), data=str(data), iters=args.iters, batch_size=args.batch_size,
+                  steps_per_report=10, steps_per_eval=0, save_every=args.iters, learning_rate=args.learning_rate,
+                  rank=args.rank, alpha=args.alpha, max_seq_length=args.max_seq_length)
+    env = runs.engine_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+
+    runs_dir, windows, delays, polls, served = out / "app-runs", [], [], 0, 0.0
+    with running_app(runs_dir, env) as url:
+        client = Client(url, verbose=False)
+        server = app_pid(runs_dir)
+        client.predict("run", *values, api_name="/start")
+        run_dir = runs_dir / "run"
+        while not any(e["event"] == "first_step" for e in runs.read_events(run_dir)):
+            assert not finished(run_dir), f"the run ended before its first step: {run_dir / 'train.log'}"
+            time.sleep(0.5)
+        on, seen_at, state = True, {}, None
+        while state is None:
+            start, cpu0 = time.time(), cpu_seconds(server)
+            while time.time() - start < args.window and state is None:
+                if on:
+                    now = time.time()
+                    for step, loss, series in plot_points(client.predict(api_name="/poll")):
+                        if series == "train" and loss is not None:
+                            seen_at.setdefault(int(step), now)
+                    polls += 1
+                    time.sleep(max(0.0, 1.0 - (time.time() - now)))
+                else:
+                    time.sleep(0.2)
+                state = finished(run_dir)
+            windows.append((start, time.time(), on))
+            served += cpu_seconds(server) - cpu0 if on else 0.0
+            on = not on
+
+    events = runs.read_events(run_dir)
+    assert state.status == "done", f"{state.status}: see {run_dir / 'train.log'}"
+    reports = {e["step"]: e["time"] for e in events if e["event"] == "train"}
+    polled = [(a, b) for a, b, on in windows if on]
+    delays = [seen_at[s] - t for s, t in reports.items()  # reports with a poll after them in their window
+              if s in seen_at and any(a <= t < b - 1.0 for a, b in polled)]
+    got = window_rates(events, windows)
+    rate = {side: sum(n for o, n, _ in got if o == side) / sum(s for o, _, s in got if o == side)
+            for side in (True, False)}
+    speed = [(on, n / s) for on, n, s in got]
+    pairs = [mid / ((before + after) / 2) for (o0, before), (o1, mid), (o2, after) in zip(speed, speed[1:], speed[2:])
+             if o1 and not o0 and not o2]  # on windows between two off ones
+    (out / "windows.json").write_text(json.dumps(windows), encoding="utf-8")
+    on_wall = sum(b - a for a, b in polled)
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+    text = (f"\n### UI overhead inside one run (`bench/ui_alternating.py`) — {time.strftime('%Y-%m-%d')}, "
+            f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores\n\n"
+            f"Command: `{Path(sys.executable).name} bench/ui_alternating.py {' '.join(sys.argv[1:])}`  \n"
+            f"Model {args.model or 'tiny llama (4 layers x 256)'}, batch {args.batch_size}, rank {args.rank}, "
+            f"{args.iters} steps, started from the app; /poll once a second in the on windows, nothing in the off "
+            f"windows ({args.window:g} s each; {len(got)} windows with whole reports).\n\n"
+            f"| | tokens/s |\n|---|---:|\n| polled (on) | {rate[True]:,.0f} |\n| not polled (off) | "
+            f"{rate[False]:,.0f} |\n| on / off | {(rate[True] / rate[False] - 1) * 100:+.1f}% |\n\n"
+            "Each on window against the mean of the off windows on either side: median "
+            f"{(statistics.median(pairs) - 1) * 100:+.1f}% over {len(pairs)} windows (quartiles "
+            f"{(quartiles[0] - 1) * 100:+.1f}% / {(quartiles[2] - 1) * 100:+.1f}%).  \n"
+            f"Plot update after the train report (polled windows): mean {statistics.mean(delays):.2f} s, max "
+            f"{max(delays):.2f} s over {len(delays)} reports. The app server used {served / on_wall * 1000:.0f} ms "
+            f"of CPU per second while polled ({polls} polls).\n")
+    print(text)
+    if args.write:
+        with open(args.write, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
