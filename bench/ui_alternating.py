@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ui_overhead import app_pid, cpu_seconds, finished  # noqa: E402
+from ui_overhead import add_run_arguments, app_pid, cpu_seconds, finished, prepare_run, write_result  # noqa: E402
 
 from lora_app import runs  # noqa: E402
 
@@ -58,29 +58,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "ui_alternating"))
     ap.add_argument("--iters", type=int, default=1500)
     ap.add_argument("--window", type=float, default=5.0, help="seconds per on / off window")
-    ap.add_argument("--model", help="an existing model folder (default: a tiny llama, 4 layers x 256)")
-    ap.add_argument("--data", help="an existing data folder (default: generated text rows)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--learning-rate", type=float, default=1e-3)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16.0)
-    ap.add_argument("--max-seq-length", type=int, default=2048)
-    ap.add_argument("--write", help="Append the result to this markdown file.")
+    add_run_arguments(ap)
     args = ap.parse_args()
 
     from gradio_client import Client
-    from test_ui_client import form, plot_points, running_app
-    from tiny import build_text_data, build_tiny_model
+    from test_ui_client import plot_points, running_app
 
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True)
-    model = args.model or build_tiny_model(out / "model", layers=4, hidden=256, vocab_size=512)
-    data = args.data or build_text_data(out / "data", n_train=512, n_valid=16)
-    values = form(model=str(model), data=str(data), iters=args.iters, batch_size=args.batch_size,
-                  steps_per_report=10, steps_per_eval=0, save_every=args.iters, learning_rate=args.learning_rate,
-                  rank=args.rank, alpha=args.alpha, max_seq_length=args.max_seq_length)
-    env = runs.engine_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    values, env, what = prepare_run(args, out)
 
     runs_dir, windows, delays, polls, served = out / "app-runs", [], [], 0, 0.0
     with running_app(runs_dir, env) as url:
@@ -127,9 +112,8 @@ def main() -> None:
     text = (f"\n### UI overhead inside one run (`bench/ui_alternating.py`) — {time.strftime('%Y-%m-%d')}, "
             f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores\n\n"
             f"Command: `{Path(sys.executable).name} bench/ui_alternating.py {' '.join(sys.argv[1:])}`  \n"
-            f"Model {args.model or 'tiny llama (4 layers x 256)'}, batch {args.batch_size}, rank {args.rank}, "
-            f"{args.iters} steps, started from the app; /poll once a second in the on windows, nothing in the off "
-            f"windows ({args.window:g} s each; {len(got)} windows with whole reports).\n\n"
+            f"{what}; started from the app; /poll once a second in the on windows, nothing in the off windows "
+            f"({args.window:g} s each; {len(got)} windows with whole reports).\n\n"
             f"| | tokens/s |\n|---|---:|\n| polled (on) | {rate[True]:,.0f} |\n| not polled (off) | "
             f"{rate[False]:,.0f} |\n| on / off | {(rate[True] / rate[False] - 1) * 100:+.1f}% |\n\n"
             "Each on window against the mean of the off windows on either side: median "
@@ -138,10 +122,7 @@ def main() -> None:
             f"Plot update after the train report (polled windows): mean {statistics.mean(delays):.2f} s, max "
             f"{max(delays):.2f} s over {len(delays)} reports. The app server used {served / on_wall * 1000:.0f} ms "
             f"of CPU per second while polled ({polls} polls).\n")
-    print(text)
-    if args.write:
-        with open(args.write, "a", encoding="utf-8") as f:
-            f.write(text)
+    write_result(text, args.write)
 
 
 if __name__ == "__main__":

@@ -271,11 +271,8 @@ def cpu_line(cpu: dict, browser: bool) -> str:
             f"chromium {rate('idle_chromium', 'idle_wall')}, the app server {rate('idle_server', 'idle_wall')}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "ui_overhead"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=150)
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The run's settings and --write (shared with bench/ui_alternating.py)."""
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--model", help="an existing model folder (default: a tiny llama of --layers x --hidden)")
@@ -285,17 +282,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--max-seq-length", type=int, default=2048)
-    ap.add_argument("--browser", action="store_true",
-                    help="Drive the app from its page in chromium instead of polling with gradio_client.")
-    ap.add_argument("--spawned", action="store_true",
-                    help="Also run the CLI as the app starts it (runs.start_training), no app: a third column.")
-    ap.add_argument("--write", help="Append the table to this markdown file.")
-    args = ap.parse_args()
+    ap.add_argument("--write", help="Append the result to this markdown file.")
 
-    from test_ui_client import form, running_app
+
+def prepare_run(args: argparse.Namespace, out: Path) -> tuple[list, dict, str]:
+    """Make `out` (and the tiny model and data if none were given): (the app's form values for the run, the
+    engine's environment, a line that describes the run)."""
+    from test_ui_client import form
     from tiny import build_text_data, build_tiny_model
 
-    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     model = args.model or build_tiny_model(out / "model", layers=args.layers, hidden=args.hidden, vocab_size=512)
     data = args.data or build_text_data(out / "data", n_train=512, n_valid=16)
@@ -306,6 +301,32 @@ def main() -> None:
         f", batch {args.batch_size}, rank {args.rank}, alpha {args.alpha:g}, {args.iters} steps, packed rows"
     env = runs.engine_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return values, env, what
+
+
+def write_result(text: str, path: str | None) -> None:
+    print(text)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "ui_overhead"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=150)
+    add_run_arguments(ap)
+    ap.add_argument("--browser", action="store_true",
+                    help="Drive the app from its page in chromium instead of polling with gradio_client.")
+    ap.add_argument("--spawned", action="store_true",
+                    help="Also run the CLI as the app starts it (runs.start_training), no app: a third column.")
+    args = ap.parse_args()
+
+    from test_ui_client import running_app
+
+    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    values, env, what = prepare_run(args, out)
 
     cli_rates, spawned_rates, app_rates, delays, cpu, reports = [], [], [], [], {}, 0
     runs_dir = out / "app-runs"
@@ -349,10 +370,7 @@ def main() -> None:
             f"{f'; {reports - len(delays)} of {reports} never appeared' if reports > len(delays) else ''}. "
             f"CPU used while the app's runs trained: {cpu_line(cpu, args.browser)}, of the "
             f"{os.cpu_count() * 1000} ms per second this machine has.\n")
-    print(text)
-    if args.write:
-        with open(args.write, "a", encoding="utf-8") as f:
-            f.write(text)
+    write_result(text, args.write)
 
 
 if __name__ == "__main__":
