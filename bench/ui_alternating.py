@@ -10,8 +10,9 @@ run, started from the real app (`python app.py`, its /start endpoint), is watche
 a second (as the page's gr.Timer does) during "on" windows and not at all during "off" windows, alternating
 every --window seconds. Each train report covers the steps since the previous one; the reports whose span lies
 inside one window are summed per side (tokens / seconds), and each on window is compared with the mean of the
-off windows on either side of it (so a steady drift cancels). What is left is the UI's cost. The windows go to
-windows.json beside the run folder, for a second look at the run's events.jsonl.
+off windows on either side of it (so a steady drift cancels). What is left is the UI's cost. Both sides look
+at the run folder once a second (has it ended?), so only the polls differ. The windows go to windows.json in
+the output folder, for a second look at the run's events.jsonl (app-runs/run/).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> None:
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     values, env, what = prepare_run(args, out)
 
-    runs_dir, windows, delays, polls, served = out / "app-runs", [], [], 0, 0.0
+    runs_dir, windows, polls, served = out / "app-runs", [], 0, 0.0
     with running_app(runs_dir, env) as url:
         client = Client(url, verbose=False)
         server = app_pid(runs_dir)
@@ -80,16 +81,14 @@ def main() -> None:
         while state is None:
             start, cpu0 = time.time(), cpu_seconds(server)
             while time.time() - start < args.window and state is None:
+                now = time.time()
                 if on:
-                    now = time.time()
                     for step, loss, series in plot_points(client.predict(api_name="/poll")):
                         if series == "train" and loss is not None:
                             seen_at.setdefault(int(step), now)
                     polls += 1
-                    time.sleep(max(0.0, 1.0 - (time.time() - now)))
-                else:
-                    time.sleep(0.2)
                 state = finished(run_dir)
+                time.sleep(max(0.0, 1.0 - (time.time() - now)))
             windows.append((start, time.time(), on))
             served += cpu_seconds(server) - cpu0 if on else 0.0
             on = not on
