@@ -13,11 +13,16 @@ inside one window are summed per side (tokens / seconds), and each on window is 
 off windows on either side of it (so a steady drift cancels). What is left is the UI's cost. Both sides look
 at the run folder once a second (has it ended?), so only the polls differ. The windows go to windows.json in
 the output folder, for a second look at the run's events.jsonl (app-runs/run/).
+
+With --browser the watcher is the app's page itself, in Debian's chromium (headless, Playwright), opened on the
+run: in the on windows its own gr.Timer polls and it draws the updates; in the off windows it is frozen through
+the DevTools protocol (Page.setWebLifecycleState), so it runs nothing and asks the server nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +36,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ui_overhead import add_run_arguments, app_pid, cpu_seconds, finished, prepare_run, write_result  # noqa: E402
+from ui_overhead import (  # noqa: E402
+    WATCH_PLOT,
+    add_run_arguments,
+    app_pid,
+    chromium,
+    cpu_seconds,
+    finished,
+    helper_cpu,
+    prepare_run,
+    write_result,
+)
 
 from lora_app import runs  # noqa: E402
 
@@ -54,44 +69,103 @@ def window_rates(events: list[dict], windows: list[tuple[float, float, bool]]) -
     return out
 
 
+class ClientViewer:
+    """gradio_client standing in for the page: the app's /poll once a second in the on windows."""
+
+    name, off = "gradio_client polling /poll once a second (this script)", "no polls"
+
+    def __init__(self, url: str):
+        from gradio_client import Client
+
+        self.client, self.seen_at = Client(url, verbose=False), {}
+
+    def show(self, on: bool) -> None:
+        pass
+
+    def tick(self, on: bool) -> None:
+        from test_ui_client import plot_points
+
+        if on:
+            now = time.time()
+            for step, loss, series in plot_points(self.client.predict(api_name="/poll")):
+                if series == "train" and loss is not None:
+                    self.seen_at.setdefault(int(step), now)
+
+    def cpu(self) -> float:
+        return time.process_time()
+
+    def seen(self) -> dict[int, float]:
+        return self.seen_at
+
+
+class PageViewer:
+    """The app's page in chromium (headless, Playwright), showing the run: in the on windows its own gr.Timer
+    polls and it draws; in the off windows the page is frozen (CDP Page.setWebLifecycleState), so it runs no
+    timers and no code at all, and asks the server nothing."""
+
+    name, off = "the app's page in chromium, its timer polling", "the page frozen"
+
+    def __init__(self, browser, url: str):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page.goto(url)
+        self.page.get_by_role("tab", name="4 · Train").click()
+        self.page.locator("#progress").get_by_text("running").wait_for(timeout=120_000)
+        self.page.evaluate(WATCH_PLOT)
+        self.cdp = self.page.context.new_cdp_session(self.page)
+
+    def show(self, on: bool) -> None:
+        self.cdp.send("Page.setWebLifecycleState", {"state": "active" if on else "frozen"})
+
+    def tick(self, on: bool) -> None:
+        pass
+
+    def cpu(self) -> float:
+        return sum(cpu for kind, cpu in helper_cpu().values() if kind == "chromium")
+
+    def seen(self) -> dict[int, float]:
+        self.show(True)
+        return {int(step): t for step, t in self.page.evaluate("window.seenAt").items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "ui_alternating"))
     ap.add_argument("--iters", type=int, default=1500)
     ap.add_argument("--window", type=float, default=5.0, help="seconds per on / off window")
+    ap.add_argument("--browser", action="store_true",
+                    help="Watch with the app's page in chromium (frozen in the off windows) instead of gradio_client.")
     add_run_arguments(ap)
     args = ap.parse_args()
 
     from gradio_client import Client
-    from test_ui_client import plot_points, running_app
+    from test_ui_client import running_app
 
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     values, env, what = prepare_run(args, out)
 
-    runs_dir, windows, polls, served = out / "app-runs", [], 0, 0.0
-    with running_app(runs_dir, env) as url:
-        client = Client(url, verbose=False)
+    runs_dir, windows, served, viewed = out / "app-runs", [], {True: 0.0, False: 0.0}, 0.0
+    with running_app(runs_dir, env) as url, contextlib.ExitStack() as stack:
         server = app_pid(runs_dir)
-        client.predict("run", *values, api_name="/start")
+        Client(url, verbose=False).predict("run", *values, api_name="/start")
         run_dir = runs_dir / "run"
         while not any(e["event"] == "first_step" for e in runs.read_events(run_dir)):
             assert not finished(run_dir), f"the run ended before its first step: {run_dir / 'train.log'}"
             time.sleep(0.5)
-        on, seen_at, state = True, {}, None
+        viewer = PageViewer(stack.enter_context(chromium()), url) if args.browser else ClientViewer(url)
+        on, state = True, None
         while state is None:
-            start, cpu0 = time.time(), cpu_seconds(server)
+            viewer.show(on)
+            start, cpu0, seen0 = time.time(), cpu_seconds(server), viewer.cpu()
             while time.time() - start < args.window and state is None:
                 now = time.time()
-                if on:
-                    for step, loss, series in plot_points(client.predict(api_name="/poll")):
-                        if series == "train" and loss is not None:
-                            seen_at.setdefault(int(step), now)
-                    polls += 1
+                viewer.tick(on)
                 state = finished(run_dir)
                 time.sleep(max(0.0, 1.0 - (time.time() - now)))
             windows.append((start, time.time(), on))
-            served += cpu_seconds(server) - cpu0 if on else 0.0
+            served[on] += cpu_seconds(server) - cpu0
+            viewed += viewer.cpu() - seen0 if on else 0.0
             on = not on
+        seen_at = viewer.seen()
 
     events = runs.read_events(run_dir)
     assert state.status == "done", f"{state.status}: see {run_dir / 'train.log'}"
@@ -107,11 +181,12 @@ def main() -> None:
              if o1 and not o0 and not o2]  # on windows between two off ones
     (out / "windows.json").write_text(json.dumps(windows), encoding="utf-8")
     on_wall = sum(b - a for a, b in polled)
+    off_wall = sum(b - a for a, b, on in windows if not on)
     quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
     text = (f"\n### UI overhead inside one run (`bench/ui_alternating.py`) — {time.strftime('%Y-%m-%d')}, "
             f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores\n\n"
             f"Command: `{Path(sys.executable).name} bench/ui_alternating.py {' '.join(sys.argv[1:])}`  \n"
-            f"{what}; started from the app; /poll once a second in the on windows, nothing in the off windows "
+            f"{what}; started from the app; {viewer.name} in the on windows, {viewer.off} in the off windows "
             f"({args.window:g} s each; {len(got)} windows with whole reports).\n\n"
             f"| | tokens/s |\n|---|---:|\n| polled (on) | {rate[True]:,.0f} |\n| not polled (off) | "
             f"{rate[False]:,.0f} |\n| on / off | {(rate[True] / rate[False] - 1) * 100:+.1f}% |\n\n"
@@ -119,8 +194,9 @@ def main() -> None:
             f"{(statistics.median(pairs) - 1) * 100:+.1f}% over {len(pairs)} windows (quartiles "
             f"{(quartiles[0] - 1) * 100:+.1f}% / {(quartiles[2] - 1) * 100:+.1f}%).  \n"
             f"Plot update after the train report (polled windows): mean {statistics.mean(delays):.2f} s, max "
-            f"{max(delays):.2f} s over {len(delays)} reports. The app server used {served / on_wall * 1000:.0f} ms "
-            f"of CPU per second while polled ({polls} polls).\n")
+            f"{max(delays):.2f} s over {len(delays)} reports. CPU per second in the on windows: the app server "
+            f"{served[True] / on_wall * 1000:.0f} ms (off windows: {served[False] / off_wall * 1000:.0f}), the "
+            f"watcher {viewed / on_wall * 1000:.0f} ms.\n")
     write_result(text, args.write)
 
 
