@@ -16,7 +16,7 @@ the output folder, for a second look at the run's events.jsonl (app-runs/run/).
 
 With --browser the watcher is the app's page itself, in Debian's chromium (headless, Playwright), opened on the
 run: in the on windows its own gr.Timer polls and it draws the updates; in the off windows it is frozen through
-the DevTools protocol (Page.setWebLifecycleState), so it runs nothing and asks the server nothing.
+the DevTools protocol (its JavaScript paused in the debugger), so it draws nothing and asks the server nothing.
 """
 
 from __future__ import annotations
@@ -100,10 +100,11 @@ class ClientViewer:
 
 class PageViewer:
     """The app's page in chromium (headless, Playwright), showing the run: in the on windows its own gr.Timer
-    polls and it draws; in the off windows the page is frozen (CDP Page.setWebLifecycleState), so it runs no
-    timers and no code at all, and asks the server nothing."""
+    polls and it draws; in the off windows its JavaScript is paused in the debugger (CDP Debugger.pause, taking
+    hold at the page's next timer), so it polls nothing and draws nothing. (Page.setWebLifecycleState "frozen"
+    does not stop a visible page: it kept polling and drawing.)"""
 
-    name, off = "the app's page in chromium, its timer polling", "the page frozen"
+    name, off = "the app's page in chromium, its timer polling", "the page paused in the debugger"
 
     def __init__(self, browser, url: str):
         self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -114,7 +115,11 @@ class PageViewer:
         self.cdp = self.page.context.new_cdp_session(self.page)
 
     def show(self, on: bool) -> None:
-        self.cdp.send("Page.setWebLifecycleState", {"state": "active" if on else "frozen"})
+        if on:
+            self.cdp.send("Debugger.disable")  # resumes, and drops a pause that has not taken hold yet
+        else:
+            self.cdp.send("Debugger.enable")
+            self.cdp.send("Debugger.pause")
 
     def tick(self, on: bool) -> None:
         pass
