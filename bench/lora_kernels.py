@@ -266,7 +266,7 @@ def buffers(a, flags: list[str]) -> list[str]:
     got = []
     for rep in range(a.processes):
         for tag in a.envs:
-            settings = dict(kv.split("=", 1) for kv in tag.split() if tag != "default")
+            settings = {} if tag == "default" else dict(kv.split("=", 1) for kv in tag.split())
             env = dict(os.environ, LORA_KERNELS_ENV=tag, **settings)
             cmd = [sys.executable, __file__, "--part", "steps", *flags]
             text, _, rows = run_part(cmd, a.part_timeout, env)

@@ -62,10 +62,14 @@ def steady_tokens_per_second(run_dir: Path) -> float:
     return (last["trained_tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
 
-def run_cli(values: list, run_dir: Path, env: dict) -> float:
-    config = form_to_config(dict(zip(FORM_KEYS, values)))
+def write_run_config(values: list, run_dir: Path) -> None:
+    """A new run folder holding the app form's settings as config.json."""
     run_dir.mkdir(parents=True)
-    save_config_json(config, run_dir / "config.json")
+    save_config_json(form_to_config(dict(zip(FORM_KEYS, values))), run_dir / "config.json")
+
+
+def run_cli(values: list, run_dir: Path, env: dict) -> float:
+    write_run_config(values, run_dir)
     with open(run_dir / "train.log", "wb") as log:
         subprocess.run([sys.executable, "-m", "lora_app", "train", "--config", str(run_dir / "config.json"),
                         "--out", str(run_dir)], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -76,8 +80,7 @@ def run_cli(values: list, run_dir: Path, env: dict) -> float:
 def run_spawned(values: list, run_dir: Path) -> float:
     """The CLI started the way the app starts it (runs.start_training: its own session, output to train.log), with
     no app involved: tells the spawn path's cost from the UI's."""
-    run_dir.mkdir(parents=True)
-    save_config_json(form_to_config(dict(zip(FORM_KEYS, values))), run_dir / "config.json")
+    write_run_config(values, run_dir)
     runs.start_training(run_dir).wait()
     return steady_tokens_per_second(run_dir)
 
@@ -151,22 +154,27 @@ def outcome(run_dir: Path, state: runs.RunState, seen_at: dict[int, float]) -> t
     return steady_tokens_per_second(run_dir), delays
 
 
+def poll_plot(client, seen_at: dict[int, float]) -> None:
+    """One /poll of the app, as the page's timer makes it; notes when each train point first came back."""
+    from test_ui_client import plot_points
+
+    out, now = client.predict(api_name="/poll"), time.time()
+    for step, loss, series in plot_points(out):
+        if series == "train" and loss is not None:  # not the plot's empty lead point (train_step.plot_update)
+            seen_at.setdefault(int(step), now)
+
+
 def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple[float, list[float]]:
     """Start from the app, poll like the page until the run ends; (tokens/s, plot delays in s). Adds the CPU
     seconds the app server and this poller used, and the wall time, to `cpu`."""
-    from test_ui_client import plot_points
-
     server, wall, mine = app_pid(runs_dir), time.time(), time.process_time()
     served = cpu_seconds(server)
     client.predict(name, *values, api_name="/start")
     run_dir = runs_dir / name
     seen_at: dict[int, float] = {}  # step -> when a poll first returned its train point
     while True:
-        out = client.predict(api_name="/poll")
+        poll_plot(client, seen_at)
         now = time.time()
-        for step, loss, series in plot_points(out):
-            if series == "train" and loss is not None:  # not the plot's empty lead point (train_step.plot_update)
-                seen_at.setdefault(int(step), now)
         state = finished(run_dir)
         if state:
             break
