@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from page_cpu import open_page  # noqa: E402
 from ui_overhead import (  # noqa: E402
     WATCH_PLOT,
     add_run_arguments,
@@ -44,6 +45,7 @@ from ui_overhead import (  # noqa: E402
     cpu_seconds,
     finished,
     helper_cpu,
+    poll_plot,
     prepare_run,
     write_result,
 )
@@ -70,26 +72,20 @@ def window_rates(events: list[dict], windows: list[tuple[float, float, bool]]) -
 
 
 class ClientViewer:
-    """gradio_client standing in for the page: the app's /poll once a second in the on windows."""
+    """gradio_client standing in for the page: the app's /poll once a second in the on windows. `client` must be
+    the one that started the run: the run shown is state of its session."""
 
     name, off = "gradio_client polling /poll once a second (this script)", "no polls"
 
-    def __init__(self, url: str):
-        from gradio_client import Client
-
-        self.client, self.seen_at = Client(url, verbose=False), {}
+    def __init__(self, client):
+        self.client, self.seen_at = client, {}
 
     def show(self, on: bool) -> None:
         pass
 
     def tick(self, on: bool) -> None:
-        from test_ui_client import plot_points
-
         if on:
-            now = time.time()
-            for step, loss, series in plot_points(self.client.predict(api_name="/poll")):
-                if series == "train" and loss is not None:
-                    self.seen_at.setdefault(int(step), now)
+            poll_plot(self.client, self.seen_at)
 
     def cpu(self) -> float:
         return time.process_time()
@@ -107,9 +103,7 @@ class PageViewer:
     name, off = "the app's page in chromium, its timer polling", "the page paused in the debugger"
 
     def __init__(self, browser, url: str):
-        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        self.page.goto(url)
-        self.page.get_by_role("tab", name="4 · Train").click()
+        self.page = open_page(browser, url)
         self.page.locator("#progress").get_by_text("running").wait_for(timeout=120_000)
         self.page.evaluate(WATCH_PLOT)
         self.cdp = self.page.context.new_cdp_session(self.page)
@@ -151,12 +145,13 @@ def main() -> None:
     runs_dir, windows, served, viewed = out / "app-runs", [], {True: 0.0, False: 0.0}, 0.0
     with running_app(runs_dir, env) as url, contextlib.ExitStack() as stack:
         server = app_pid(runs_dir)
-        Client(url, verbose=False).predict("run", *values, api_name="/start")
+        client = Client(url, verbose=False)
+        client.predict("run", *values, api_name="/start")
         run_dir = runs_dir / "run"
         while not any(e["event"] == "first_step" for e in runs.read_events(run_dir)):
             assert not finished(run_dir), f"the run ended before its first step: {run_dir / 'train.log'}"
             time.sleep(0.5)
-        viewer = PageViewer(stack.enter_context(chromium()), url) if args.browser else ClientViewer(url)
+        viewer = PageViewer(stack.enter_context(chromium()), url) if args.browser else ClientViewer(client)
         on, state = True, None
         while state is None:
             viewer.show(on)
