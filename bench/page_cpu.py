@@ -1,12 +1,13 @@
 """What an open page of the app costs in CPU, without training: chromium's and the app server's ms per second.
 
-    .venv/bin/python bench/page_cpu.py [--seconds 10] [--rounds 1] [--total-steps 200]
+    .venv/bin/python bench/page_cpu.py [--seconds 10] [--rounds 1] [--total-steps 200] [--report-every 1]
 
 A quick companion to `ui_overhead.py --browser` (which trains for real and takes minutes): the app serves a
 folder of fake runs, and for each round a fresh page in Debian's chromium (headless, Playwright) shows
-  no run   nothing to show (the Train tab open, the timer off);
-  live     a run whose "training process" (a sleep) writes a train report every second, as a CPU run would:
-           its progress bar moves by 10 steps of --total-steps each time (with the default 200, 5% a report);
+  no run   nothing to show (the Train tab open);
+  live     a run whose "training process" (a sleep) writes a train report every --report-every seconds (1: as a
+           tiny CPU run would; 30: as the demo model does, so the measured seconds see no report): its
+           progress bar moves by 10 steps of --total-steps each time (with the default 200, 5% a report);
   ended    the same run once it is done.
 It prints each state's CPU per second and the delay from each report to its point drawn in the loss plot.
 """
@@ -47,8 +48,8 @@ def open_page(browser, url: str):
     return page
 
 
-def live_run(run_dir: Path, total: int, stop: threading.Event) -> subprocess.Popen:
-    """A running run folder, a train report a second until `stop`; returns its stand-in process (a sleep)."""
+def live_run(run_dir: Path, total: int, every: float, stop: threading.Event) -> subprocess.Popen:
+    """A running run folder, a train report every `every` s until `stop`; returns its stand-in process (a sleep)."""
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"iters": total, "learning_rate": 1e-4}))
     alive = subprocess.Popen(["sleep", "3600"])
@@ -59,7 +60,7 @@ def live_run(run_dir: Path, total: int, stop: threading.Event) -> subprocess.Pop
 
     def report() -> None:
         step = 0
-        while not stop.wait(1.0):
+        while not stop.wait(every):
             step += 10
             runs.append_event(run_dir, "train", step=step, loss=3 / (1 + step / 100), learning_rate=1e-4,
                               tokens_per_second=5000.0, trained_tokens=1000 * step, peak_memory_gb=0.1)
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10, help="measured seconds per state")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--total-steps", type=int, default=200, help="the live run's length (its bar's pace)")
+    ap.add_argument("--report-every", type=float, default=1.0, help="seconds between the live run's reports")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="page_cpu-"))
     runs_dir = tmp / "runs"
@@ -91,7 +93,7 @@ def main() -> None:
             page.close()
 
             run_dir, stop = runs_dir / f"live{r}", threading.Event()
-            alive = live_run(run_dir, a.total_steps, stop)
+            alive = live_run(run_dir, a.total_steps, a.report_every, stop)
             page = open_page(browser, url)
             page.locator("#progress").get_by_text("running").wait_for(timeout=30_000)
             page.evaluate(WATCH_PLOT)

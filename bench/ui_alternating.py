@@ -1,4 +1,4 @@
-"""UI overhead (issue 8, part 3) inside one run: the app polls in some windows of a run and not in others.
+"""UI overhead (issue 8, part 3) inside one run: the app is watched in some windows of a run and not in others.
 
     .venv/bin/python bench/ui_alternating.py [--iters 1500] [--window 5]
     python3 bench/ui_alternating.py --model /tmp/gpu_bench/model --data /tmp/gpu_bench/uniform --rank 8 \\
@@ -6,17 +6,17 @@
 
 bench/ui_overhead.py compares whole runs, CLI against app; on the lent GPU machine the same CLI run drifts
 between ~85k and ~150k tokens/s for seconds at a time (bench/RESULTS.md), which swamps a 2% question. Here one
-run, started from the real app (`python app.py`, its /start endpoint), is watched through the app's /poll once
-a second (as the page's gr.Timer does) during "on" windows and not at all during "off" windows, alternating
+run, started from the real app (`python app.py`, its /start endpoint), is watched through the app's /follow
+stream (the updates the page gets) during "on" windows and not at all during "off" windows, alternating
 every --window seconds. Each train report covers the steps since the previous one; the reports whose span lies
 inside one window are summed per side (tokens / seconds), and each on window is compared with the mean of the
 off windows on either side of it (so a steady drift cancels). What is left is the UI's cost. Both sides look
-at the run folder once a second (has it ended?), so only the polls differ. The windows go to windows.json in
+at the run folder (has it ended?), so only the watching differs. The windows go to windows.json in
 the output folder, for a second look at the run's events.jsonl (app-runs/run/).
 
 With --browser the watcher is the app's page itself, in Debian's chromium (headless, Playwright), opened on the
-run: in the on windows its own gr.Timer polls and it draws the updates; in the off windows it is frozen through
-the DevTools protocol (its JavaScript paused in the debugger), so it draws nothing and asks the server nothing.
+run: in the on windows it draws the updates the app streams to it; in the off windows it is frozen through the
+DevTools protocol (its JavaScript paused in the debugger), so it draws nothing (the server still sends).
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from page_cpu import open_page  # noqa: E402
 from ui_overhead import (  # noqa: E402
     WATCH_PLOT,
+    Follower,
     add_run_arguments,
     app_pid,
     chromium,
     cpu_seconds,
     finished,
     helper_cpu,
-    poll_plot,
     prepare_run,
     write_result,
 )
@@ -72,35 +72,41 @@ def window_rates(events: list[dict], windows: list[tuple[float, float, bool]]) -
 
 
 class ClientViewer:
-    """gradio_client standing in for the page: the app's /poll once a second in the on windows. `client` must be
-    the one that started the run: the run shown is state of its session."""
+    """gradio_client standing in for the page: the app's /follow stream in the on windows, cancelled in the off
+    windows. `client` must be the one that started the run: the run shown is state of its session."""
 
-    name, off = "gradio_client polling /poll once a second (this script)", "no polls"
+    name, off = "gradio_client following /follow (this script)", "no stream"
 
     def __init__(self, client):
-        self.client, self.seen_at = client, {}
+        self.client, self.seen_at, self.follower = client, {}, None
 
     def show(self, on: bool) -> None:
-        pass
+        if on:
+            self.follower = Follower(self.client, self.seen_at)
+        elif self.follower:
+            self.follower.close()
+            self.follower = None
 
     def tick(self, on: bool) -> None:
-        if on:
-            poll_plot(self.client, self.seen_at)
+        if self.follower:
+            self.follower.take()
 
     def cpu(self) -> float:
         return time.process_time()
 
     def seen(self) -> dict[int, float]:
+        self.show(False)
         return self.seen_at
 
 
 class PageViewer:
-    """The app's page in chromium (headless, Playwright), showing the run: in the on windows its own gr.Timer
-    polls and it draws; in the off windows its JavaScript is paused in the debugger (CDP Debugger.pause, taking
-    hold at the page's next timer), so it polls nothing and draws nothing. (Page.setWebLifecycleState "frozen"
-    does not stop a visible page: it kept polling and drawing.)"""
+    """The app's page in chromium (headless, Playwright), showing the run: in the on windows it draws the updates
+    the app streams to it; in the off windows its JavaScript is paused in the debugger (CDP Debugger.pause,
+    taking hold when the page next runs any script), so it draws nothing. The server still reads the run folder
+    and sends each update in the off windows: that part of the UI's cost is the server's CPU in the off
+    windows, given beside the result. (Page.setWebLifecycleState "frozen" does not stop a visible page.)"""
 
-    name, off = "the app's page in chromium, its timer polling", "the page paused in the debugger"
+    name, off = "the app's page in chromium, drawing the updates", "the page paused in the debugger"
 
     def __init__(self, browser, url: str):
         self.page = open_page(browser, url)
@@ -160,7 +166,7 @@ def main() -> None:
                 now = time.time()
                 viewer.tick(on)
                 state = finished(run_dir)
-                time.sleep(max(0.0, 1.0 - (time.time() - now)))
+                time.sleep(max(0.0, 0.25 - (time.time() - now)))
             windows.append((start, time.time(), on))
             served[on] += cpu_seconds(server) - cpu0
             viewed += viewer.cpu() - seen0 if on else 0.0
@@ -170,9 +176,9 @@ def main() -> None:
     events = runs.read_events(run_dir)
     assert state.status == "done", f"{state.status}: see {run_dir / 'train.log'}"
     reports = {e["step"]: e["time"] for e in events if e["event"] == "train"}
-    polled = [(a, b) for a, b, on in windows if on]
-    delays = [seen_at[s] - t for s, t in reports.items()  # reports with a poll after them in their window
-              if s in seen_at and any(a <= t < b - 1.0 for a, b in polled)]
+    watched = [(a, b) for a, b, on in windows if on]
+    delays = [seen_at[s] - t for s, t in reports.items()  # reports with an on window left after them
+              if s in seen_at and any(a <= t < b - 1.0 for a, b in watched)]
     got = window_rates(events, windows)
     rate = {side: sum(n for o, n, _ in got if o == side) / sum(s for o, _, s in got if o == side)
             for side in (True, False)}
@@ -180,7 +186,7 @@ def main() -> None:
     pairs = [mid / ((before + after) / 2) for (o0, before), (o1, mid), (o2, after) in zip(speed, speed[1:], speed[2:])
              if o1 and not o0 and not o2]  # on windows between two off ones
     (out / "windows.json").write_text(json.dumps(windows), encoding="utf-8")
-    on_wall = sum(b - a for a, b in polled)
+    on_wall = sum(b - a for a, b in watched)
     off_wall = sum(b - a for a, b, on in windows if not on)
     quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
     text = (f"\n### UI overhead inside one run (`bench/ui_alternating.py`) — {time.strftime('%Y-%m-%d')}, "
@@ -188,12 +194,12 @@ def main() -> None:
             f"Command: `{Path(sys.executable).name} bench/ui_alternating.py {' '.join(sys.argv[1:])}`  \n"
             f"{what}; started from the app; {viewer.name} in the on windows, {viewer.off} in the off windows "
             f"({args.window:g} s each; {len(got)} windows with whole reports).\n\n"
-            f"| | tokens/s |\n|---|---:|\n| polled (on) | {rate[True]:,.0f} |\n| not polled (off) | "
+            f"| | tokens/s |\n|---|---:|\n| watched (on) | {rate[True]:,.0f} |\n| not watched (off) | "
             f"{rate[False]:,.0f} |\n| on / off | {(rate[True] / rate[False] - 1) * 100:+.1f}% |\n\n"
             "Each on window against the mean of the off windows on either side: median "
             f"{(statistics.median(pairs) - 1) * 100:+.1f}% over {len(pairs)} windows (quartiles "
             f"{(quartiles[0] - 1) * 100:+.1f}% / {(quartiles[2] - 1) * 100:+.1f}%).  \n"
-            f"Plot update after the train report (polled windows): mean {statistics.mean(delays):.2f} s, max "
+            f"Plot update after the train report (watched windows): mean {statistics.mean(delays):.2f} s, max "
             f"{max(delays):.2f} s over {len(delays)} reports. CPU per second in the on windows: the app server "
             f"{served[True] / on_wall * 1000:.0f} ms (off windows: {served[False] / off_wall * 1000:.0f}), the "
             f"watcher {viewed / on_wall * 1000:.0f} ms.\n")

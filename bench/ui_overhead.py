@@ -5,15 +5,15 @@
         --learning-rate 1e-5 --max-seq-length 1024        # on the GPU machine, after gpu_memory.py --prep
 
 The app side is the real thing: `python app.py` in a subprocess, the run started through its /start endpoint
-(gradio_client) and the live view fetched through /poll once a second, as the page's gr.Timer does. Each poll's
-answer is read for the loss plot's points, so the time from a train event's time stamp to the first poll that
-returns its point is the plot-update delay. Tokens/s counts the tokens that carry loss after step 1 (step 1
+(gradio_client) and the live view followed through /follow, the stream of updates the page gets. Each update is
+read for the loss plot's points, so the time from a train event's time stamp to the first update that brings its
+point is the plot-update delay. Tokens/s counts the tokens that carry loss after step 1 (step 1
 includes loading and compiling), from events.jsonl on both sides. Runs alternate CLI, app, CLI, app, ... so a
 drift in the machine's load hits both sides alike; the table gives every run and the medians.
 
 With --browser the page itself drives the app, in Debian's chromium (headless, through Playwright): for each app
 run a fresh page (the finished app runs moved aside, so it attaches to none) imports the settings as YAML, clicks
-Start, and its own gr.Timer polls. A MutationObserver in the page notes when each train point is drawn in the loss
+Start, and follows the run. A MutationObserver in the page notes when each train point is drawn in the loss
 plot (the plot-update delay), and the CPU of all chromium processes is counted, also for a few seconds with the page
 open and idle before Start. No page is open while the CLI runs, so the CLI side stays a run without a UI.
 """
@@ -154,35 +154,48 @@ def outcome(run_dir: Path, state: runs.RunState, seen_at: dict[int, float]) -> t
     return steady_tokens_per_second(run_dir), delays
 
 
-def poll_plot(client, seen_at: dict[int, float]) -> None:
-    """One /poll of the app, as the page's timer makes it; notes when each train point first came back."""
-    from test_ui_client import plot_points
+class Follower:
+    """The app's /follow stream through gradio_client, as the page gets it (train_step.follow: an update when the
+    run folder changes); notes when each train point first came back. `client` must be the one that started the
+    run: the run shown is state of its session. Its updates are looked at on take() (gradio_client's own
+    iterator waits in a 1 ms loop, CPU this script should not take)."""
 
-    out, now = client.predict(api_name="/poll"), time.time()
-    for step, loss, series in plot_points(out):
-        if series == "train" and loss is not None:  # not the plot's empty lead point (train_step.plot_update)
-            seen_at.setdefault(int(step), now)
+    def __init__(self, client, seen_at: dict[int, float]):
+        self.job, self.seen_at, self.read = client.submit(api_name="/follow"), seen_at, 0
+
+    def take(self) -> None:
+        from test_ui_client import plot_points
+
+        outs, now = self.job.outputs(), time.time()
+        for out in outs[self.read:]:
+            for step, loss, series in plot_points(out):
+                if series == "train" and loss is not None:  # not the plot's empty lead point (plot_update)
+                    self.seen_at.setdefault(int(step), now)
+        self.read = len(outs)
+
+    def close(self) -> None:
+        self.take()
+        self.job.cancel()
 
 
 def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple[float, list[float]]:
-    """Start from the app, poll like the page until the run ends; (tokens/s, plot delays in s). Adds the CPU
-    seconds the app server and this poller used, and the wall time, to `cpu`."""
+    """Start from the app, follow it like the page until the run ends; (tokens/s, plot delays in s). Adds the CPU
+    seconds the app server and this follower used, and the wall time, to `cpu`."""
     server, wall, mine = app_pid(runs_dir), time.time(), time.process_time()
     served = cpu_seconds(server)
     client.predict(name, *values, api_name="/start")
     run_dir = runs_dir / name
-    seen_at: dict[int, float] = {}  # step -> when a poll first returned its train point
-    while True:
-        poll_plot(client, seen_at)
-        now = time.time()
-        state = finished(run_dir)
-        if state:
-            break
-        time.sleep(max(0.0, 1.0 - (time.time() - now)))
+    seen_at: dict[int, float] = {}  # step -> when an update first brought its train point
+    follower = Follower(client, seen_at)
+    while not (state := finished(run_dir)):
+        follower.take()
+        time.sleep(0.25)
+    time.sleep(1.0)  # the run's last update
+    follower.close()
     cpu["server"] = cpu.get("server", 0.0) + cpu_seconds(server) - served
     cpu["poller"] = cpu.get("poller", 0.0) + time.process_time() - mine
     cpu["wall"] = cpu.get("wall", 0.0) + time.time() - wall
-    return outcome(run_dir, state, seen_at)  # the last poll happens after the end: every point has been seen
+    return outcome(run_dir, state, seen_at)
 
 
 @contextlib.contextmanager
@@ -219,7 +232,7 @@ def run_in_browser(browser, url: str, settings: Path, runs_dir: Path, name: str,
 
     server = app_pid(runs_dir)
     before, served, wall = helper_cpu(), cpu_seconds(server), time.time()
-    time.sleep(IDLE_S)  # the page's timer polls; the server answers that nothing changed
+    time.sleep(IDLE_S)  # the page shows no run yet
     after = helper_cpu()
     cpu["idle_chromium"] = cpu.get("idle_chromium", 0.0) + used(before, after, "chromium")
     cpu["idle_server"] = cpu.get("idle_server", 0.0) + cpu_seconds(server) - served
@@ -237,7 +250,7 @@ def run_in_browser(browser, url: str, settings: Path, runs_dir: Path, name: str,
     cpu["harness"] = cpu.get("harness", 0.0) + used(before, after, "driver") + time.process_time() - mine
     cpu["wall"] = cpu.get("wall", 0.0) + time.time() - wall
 
-    # The last points are drawn by the poll after the run's end (up to a second): wait a while, then count.
+    # The last points are drawn by the update after the run's end: wait a while, then count.
     reports = sum(e["event"] == "train" for e in runs.read_events(run_dir))
     deadline = time.monotonic() + 5
     while page.evaluate("Object.keys(window.seenAt).length") < reports and time.monotonic() < deadline:
@@ -262,9 +275,9 @@ def rates_table(cli: list[float], spawned: list[float], app: list[float]) -> str
             + "| **median** | " + " | ".join(median(xs) for _, xs in cols) + " |\n\n")
 
 
-POLLED = {False: "the app polled once a second like the page",
+WATCHED = {False: "the app followed through /follow like the page",
           True: "the app driven by its page in chromium (headless, Playwright): settings imported as YAML, Start "
-                "clicked, the page's gr.Timer polling once a second; no page open during the CLI runs"}
+                "clicked, the page following the run; no page open during the CLI runs"}
 
 
 def cpu_line(cpu: dict, browser: bool) -> str:
@@ -272,7 +285,7 @@ def cpu_line(cpu: dict, browser: bool) -> str:
         return f"{cpu[key] / cpu[wall] * 1000:.0f} ms per second"
 
     if not browser:
-        return (f"the app server {rate('server')}, the poller (gradio_client, standing in for the browser) "
+        return (f"the app server {rate('server')}, the follower (gradio_client, standing in for the browser) "
                 f"{rate('poller')}")
     return (f"the app server {rate('server')}, chromium (all its processes) {rate('chromium')}, the harness "
             f"(Playwright's driver and this script) {rate('harness')}; with the page open and idle before Start: "
@@ -326,7 +339,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=150)
     add_run_arguments(ap)
     ap.add_argument("--browser", action="store_true",
-                    help="Drive the app from its page in chromium instead of polling with gradio_client.")
+                    help="Drive the app from its page in chromium instead of following with gradio_client.")
     ap.add_argument("--spawned", action="store_true",
                     help="Also run the CLI as the app starts it (runs.start_training), no app: a third column.")
     args = ap.parse_args()
@@ -369,7 +382,7 @@ def main() -> None:
     text = (f"\n### UI overhead (`bench/ui_overhead.py`) — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
             f"{platform.system()}, {os.cpu_count()} CPU cores\n\n"
             f"Command: `.venv/bin/python bench/ui_overhead.py {' '.join(sys.argv[1:])}`  \n"
-            f"{what}; {POLLED[args.browser]}.\n\n"
+            f"{what}; {WATCHED[args.browser]}.\n\n"
             + rates_table(cli_rates, spawned_rates, app_rates) +
             f"App vs the CLI run just before it: median {paired:+.1f}% (each pair: "
             f"{', '.join(f'{(a / c - 1) * 100:+.1f}%' for c, a in zip(cli_rates, app_rates))}).\n"

@@ -61,7 +61,10 @@ def fill(page, elem_id: str, value: str, tag: str = "textarea") -> None:
 
 
 def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_env):
+    """A whole run from the page. The page opens on an earlier run (the newest), so Start also shows that the
+    live view moves to the new run (it follows one run at a time: train_step.follow)."""
     runs_dir = tmp_path / "runs"
+    fake_run(runs_dir, "earlier", [3.0, 2.5], 1e-4)
     with running_app(runs_dir, engine_env) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
@@ -87,7 +90,7 @@ def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_e
         page.locator("#train-message").get_by_text("Started").wait_for(timeout=30_000)
 
         # Wait for a curve with enough points to read as one, then photograph the page mid-training.
-        run_dir = next(runs_dir.iterdir())
+        run_dir = next(p for p in runs_dir.iterdir() if p.name != "earlier")
         wait_until(lambda: sum(e["event"] == "train" for e in runs.read_events(run_dir)) >= 40, 120,
                    "40 loss reports")
         page.locator("#progress").get_by_text("running").wait_for(timeout=30_000)
@@ -110,11 +113,11 @@ def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_e
         page.close()
 
 
-def test_plot_draws_each_poll_at_once(browser, tiny_model, text_data, tmp_path, engine_env):
-    """The page draws a poll's points when that poll answers, not at the next changed answer: a finished run's
-    curve appears on opening the page, and a report with nothing changing after it is drawn within 2 s (the 1 s
-    timer plus the draw). Gradio 6.31 drew a poll's frame only at the next changed one when the update also
-    changed a prop (train_step.plot_update), so these points never appeared."""
+def test_plot_draws_each_update_at_once(browser, tiny_model, text_data, tmp_path, engine_env):
+    """The page draws an update's points when it arrives, not at the next changed one: a finished run's curve
+    appears on opening the page, and a report with nothing changing after it is drawn within 2 s (the page
+    still follows a finished run: it may be resumed). Gradio 6.31 drew an update's frame only at the next
+    changed one when the update also changed a prop (train_step.plot_update), so these points never appeared."""
     runs_dir = tmp_path / "runs"
     run_dir = runs_dir / "cli-run"
     run_dir.mkdir(parents=True)
@@ -137,7 +140,7 @@ def test_plot_draws_each_poll_at_once(browser, tiny_model, text_data, tmp_path, 
         wait_until(lambda: drawn(page) >= points, 5, f"the finished run's points {sorted(points)} drawn, "
                    f"not only {sorted(drawn(page))}")
 
-        # One more report, then nothing: it must be drawn by the poll that first returns it.
+        # One more report, then nothing: it must be drawn by the update that first carries it.
         report = runs.append_event(run_dir, "train", step=40, loss=1.0)
         while ("train", 40) not in drawn(page):
             assert time.time() - report["time"] < 2.0, f"step 40 not drawn 2 s after its report: {drawn(page)}"
@@ -213,11 +216,11 @@ WATCH_OUTPUTS = """ids => { window.mutations = 0;
 
 
 def test_idle_page_does_no_work(browser, tmp_path, engine_env):
-    """An open page costs a CPU-only training run little: showing a run that does not change, the timer's ticks
-    leave the six live outputs alone (gradio puts a loading status on each output of a tick, even hidden: 240
-    changes in 4 s before) and nothing asks for animation frames (gradio 6.31's loading screen left a loop of 60
-    frames a second running for good: page_script.py). Together ~100 ms of chromium CPU a second on a 2-core
-    machine (bench/ui_overhead.py --browser)."""
+    """An open page costs a CPU-only training run little: showing a run that does not change, it sends no
+    requests (it used to poll once a second: ~50 ms of CPU a second for the page and the server together,
+    train_step.follow), leaves the six live outputs alone (gradio put a loading status on each output of a
+    poll, even hidden: 240 changes in 4 s) and asks for no animation frames (gradio 6.31's loading screen left
+    a loop of 60 frames a second running for good: page_script.py)."""
     runs_dir = tmp_path / "runs"
     fake_run(runs_dir, "alpha", [3.0, 2.5, 2.0], 1e-4)
     with running_app(runs_dir, engine_env) as url:
@@ -235,7 +238,7 @@ def test_idle_page_does_no_work(browser, tmp_path, engine_env):
         before, start = len(requests), time.monotonic()
         time.sleep(4)
         frames, seconds = page.evaluate("window.frames_asked"), time.monotonic() - start
-        assert len(requests) - before >= 3, "the timer still polls a finished run (it may be resumed)"
+        assert requests[before:] == [], "an idle page sent requests"
         assert page.evaluate("window.mutations") == 0, "idle ticks touched the live outputs"
         assert frames / seconds < 2, f"an idle page asked for {frames / seconds:.0f} animation frames a second"
         page.close()

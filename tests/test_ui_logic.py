@@ -249,3 +249,48 @@ def test_poll_sends_only_what_changed(tmp_path):
     runs.append_event(run, "train", step=1, loss=2.0)
     again = train_step.poll(ctx, "r1", first[6])
     assert isinstance(again[3], skip) and len(again[2]) == len(first[2]) + 1 and again[6] != first[6]
+
+
+def test_follow_pushes_each_change_once_and_ends_when_superseded(tmp_path, monkeypatch):
+    """follow() answers at once, then only when what the run folder shows changes (here an event, the log),
+    with a "no change" every FOLLOW_BEAT_S so gradio can end the stream of a page gone; a newer follow() of the
+    same page session (another run shown) ends the older one."""
+    import asyncio
+
+    import gradio as gr
+
+    from lora_app.ui import train_step
+    from lora_app.ui.context import Context
+
+    monkeypatch.setattr(train_step, "FOLLOW_CHECK_S", 0.01)
+    monkeypatch.setattr(train_step, "FOLLOW_BEAT_S", 0.3)
+    skip = type(gr.skip())
+    ctx = Context(tmp_path, None)
+    for name in ("r1", "r2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"iters": 10}')
+    runs.append_event(tmp_path / "r1", "train", step=1, loss=2.0)
+
+    async def scenario() -> None:
+        stream = train_step.follow(ctx, "r1", None, "page")
+        first = await asyncio.wait_for(anext(stream), 1)
+        assert len(first[2]) == 3 and first[6][:2] == ["r1", 1]  # two empty key points and step 1
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.1)
+        assert not pending.done(), "an unchanged folder was answered"
+        runs.append_event(tmp_path / "r1", "train", step=2, loss=1.5)
+        second = await asyncio.wait_for(pending, 1)
+        assert len(second[2]) == 4 and second[6][1] == 2
+        (tmp_path / "r1" / "train.log").write_text("step 2 loss 1.5\n")
+        assert (await asyncio.wait_for(anext(stream), 1))[4] == "step 2 loss 1.5"
+        beat = await asyncio.wait_for(anext(stream), 1)  # nothing changed for FOLLOW_BEAT_S
+        assert all(isinstance(x, skip) for x in beat[:6]) and beat[6][4] == len("step 2 loss 1.5")
+
+        other = train_step.follow(ctx, "r2", None, "page")  # the page shows another run
+        assert (await asyncio.wait_for(anext(other), 1))[6][0] == "r2"
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 1)
+        await other.aclose()
+        assert "page" not in train_step.FOLLOWING
+
+    asyncio.run(scenario())

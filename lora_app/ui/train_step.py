@@ -1,9 +1,11 @@
 """Step 4, Train: hyper-parameters, Start / Stop / Pause / Resume, and the live view of the run folder
-(loss plot, progress with ETA, stats, sample-probe timeline, log), polled by a gr.Timer."""
+(loss plot, progress with ETA, stats, sample-probe timeline, log), pushed to the page as the run folder changes."""
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +19,9 @@ from .context import Context, warned
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
 CACHE = timeline.EventCache()
+FOLLOW_CHECK_S = 0.25  # how often follow() looks at the shown run's folder: a report is on the page ~0.3 s later
+FOLLOW_BEAT_S = 10.0  # follow() answers "no change" this often: gradio ends the stream of a page gone only then
+FOLLOWING: dict[str | None, object] = {}  # page session -> its newest follow(); an older one of the session ends
 ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
 
 
@@ -94,6 +99,46 @@ def poll(ctx: Context, current: str, seen: list | None) -> tuple:
     return (timeline.progress_html(state, events), timeline.stats_markdown(state, events),
             plot_update(timeline.loss_frame(events)), gr.skip() if same_samples else timeline.samples_frame(events),
             log, f"Showing **{current}** · {state.status}", version)
+
+
+def folder_mark(run_dir: Path) -> tuple:
+    """Changes whenever what poll() shows may have: the size and time of the files it reads, the process alive.
+    A few stat calls, so follow() can look often."""
+    marks = []
+    for name in ("events.jsonl", "train.log", "config.json"):
+        try:
+            st = (run_dir / name).stat()
+            marks.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            marks.append(None)
+    return (*marks, runs.pid_alive(runs.read_pid(run_dir)))
+
+
+async def follow(ctx: Context, current: str, seen: list | None, session: str | None = None):
+    """The live view, pushed: poll()'s answer each time the shown run's folder changes, and nothing in between
+    but a "no change" every FOLLOW_BEAT_S. Ends when the page goes away or shows another run (a newer follow()
+    of the same session). The page used to poll once a second (a gr.Timer): each poll cost the server ~18 ms
+    of gradio's request handling and the page ~20 ms, with nothing new too, CPU taken from a training run on a
+    CPU-only machine (bench/RESULTS.md). Looking at an unchanged folder here costs a few stat calls."""
+    if not current:
+        return
+    me = FOLLOWING[session] = object()
+    try:
+        mark, said = object(), time.monotonic()  # mark: the folder as last looked at (not yet)
+        while FOLLOWING.get(session) is me:
+            now = folder_mark(ctx.runs_dir / current)
+            if now != mark:
+                mark, out = now, poll(ctx, current, seen)
+                if out[-1] is not seen:  # poll() answers the `seen` it was given when nothing shown changed
+                    seen, said = out[-1], time.monotonic()
+                    yield out
+            if time.monotonic() - said >= FOLLOW_BEAT_S:
+                said = time.monotonic()
+                yield (gr.skip(),) * 6 + (seen,)
+            await asyncio.sleep(FOLLOW_CHECK_S)
+    finally:
+        if FOLLOWING.get(session) is me:
+            del FOLLOWING[session]
 
 
 SERIES = ("train", "valid")
@@ -227,7 +272,6 @@ def build() -> SimpleNamespace:
             c.export_file = gr.File(label="YAML", interactive=False)
     c.current = gr.State("")
     c.seen = gr.State(None)
-    c.timer = gr.Timer(1.0, active=False)  # on while a run is shown: see wire()
     return c
 
 
@@ -242,16 +286,24 @@ def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
     c.pause.click(lambda cur: control_run(ctx, cur, "pause"), c.current, c.message, api_name="pause")
     c.resume.click(lambda cur: resume_run(ctx, cur), c.current, [c.current, c.message], api_name="resume")
     live = [c.progress, c.stats, c.plot, c.samples, c.log, c.showing, c.seen]
-    # Off the queue: a poll is a quick read of the run folder, and the queue's messages cost the server (and the
-    # page) more CPU than the read itself, CPU that a CPU-only run needs (bench/ui_overhead.py). The loading
-    # status goes on c.seen, a State, which the page does not draw: by default gradio puts it on each output,
-    # even with show_progress="hidden", and each status runs an animation loop and re-renders its component on
-    # every tick, when nothing changed too (~40 ms of chromium CPU a second on a 2-core machine).
-    c.timer.tick(lambda cur, seen: poll(ctx, cur, seen), [c.current, c.seen], live, api_name="poll",
-                 show_progress="hidden", show_progress_on=c.seen, queue=False)
-    # With no run to show (none yet) the timer is off: Start, Resume, opening a run or the page's load turn it on.
-    c.current.change(lambda cur: gr.Timer(active=bool(cur)), c.current, c.timer, show_progress="hidden",
-                     queue=False)
+
+    async def follow_shown(cur: str, seen: list | None, request: gr.Request):
+        async for out in follow(ctx, cur, seen, request.session_hash if request else None):
+            yield out
+
+    # The page shows a run (Start, Resume, opening a run, or the page's load set c.current) through one streamed
+    # event that lasts while it is shown: no requests while nothing changes. Streams need the queue; each
+    # page's stream runs alongside the others' (no concurrency limit), and a new run shown starts its stream at
+    # once ("multiple": with gradio's default for change, a trigger waits while the previous stream has sent
+    # nothing yet, for good if it never does; follow() ends the page's older stream itself). The loading status
+    # goes on c.seen, a State, which the page does not draw: by default gradio puts it on each output, even
+    # with show_progress="hidden", and each status runs an animation loop while pending (~40 ms of chromium
+    # CPU a second on a 2-core machine).
+    c.current.change(follow_shown, [c.current, c.seen], live, api_name="follow", show_progress="hidden",
+                     show_progress_on=c.seen, concurrency_limit=None, trigger_mode="multiple")
+    # The same answer once, for scripts (gradio_client): an event with no trigger on the page.
+    gr.on([], lambda cur, seen: poll(ctx, cur, seen), [c.current, c.seen], live, api_name="poll",
+          show_progress="hidden", queue=False)
     gr.on([x.change for x in [*form, c.launch_mode, c.nproc]], preview_command, [*form, c.launch_mode, c.nproc],
           c.command, api_name="command_preview", show_progress="hidden")
     c.export.click(export_settings, form, c.export_file, api_name="export_settings_yaml")
