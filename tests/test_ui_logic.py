@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,9 +253,9 @@ def test_poll_sends_only_what_changed(tmp_path):
 
 
 def test_follow_pushes_each_change_once_and_ends_when_superseded(tmp_path, monkeypatch):
-    """follow() answers at once, then only when what the run folder shows changes (here an event, the log),
-    with a "no change" every FOLLOW_BEAT_S so gradio can end the stream of a page gone; a newer follow() of the
-    same page session (another run shown) ends the older one."""
+    """follow() answers at once, then only when what the run folder shows changes (here an event, the log), at
+    most once a FOLLOW_GAP_S, with a "no change" every FOLLOW_BEAT_S so gradio can end the stream of a page
+    gone; a newer follow() of the same page session (another run shown) ends the older one."""
     import asyncio
 
     import gradio as gr
@@ -263,7 +264,8 @@ def test_follow_pushes_each_change_once_and_ends_when_superseded(tmp_path, monke
     from lora_app.ui.context import Context
 
     monkeypatch.setattr(train_step, "FOLLOW_CHECK_S", 0.01)
-    monkeypatch.setattr(train_step, "FOLLOW_BEAT_S", 0.3)
+    monkeypatch.setattr(train_step, "FOLLOW_GAP_S", 0.2)
+    monkeypatch.setattr(train_step, "FOLLOW_BEAT_S", 0.6)
     skip = type(gr.skip())
     ctx = Context(tmp_path, None)
     for name in ("r1", "r2"):
@@ -276,13 +278,14 @@ def test_follow_pushes_each_change_once_and_ends_when_superseded(tmp_path, monke
         first = await asyncio.wait_for(anext(stream), 1)
         assert len(first[2]) == 3 and first[6][:2] == ["r1", 1]  # two empty key points and step 1
         pending = asyncio.ensure_future(anext(stream))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.4)  # past the gap, before the beat
         assert not pending.done(), "an unchanged folder was answered"
         runs.append_event(tmp_path / "r1", "train", step=2, loss=1.5)
-        second = await asyncio.wait_for(pending, 1)
+        second, at = await asyncio.wait_for(pending, 1), time.monotonic()
         assert len(second[2]) == 4 and second[6][1] == 2
-        (tmp_path / "r1" / "train.log").write_text("step 2 loss 1.5\n")
+        (tmp_path / "r1" / "train.log").write_text("step 2 loss 1.5\n")  # at once: it waits for the gap
         assert (await asyncio.wait_for(anext(stream), 1))[4] == "step 2 loss 1.5"
+        assert time.monotonic() - at >= 0.2
         beat = await asyncio.wait_for(anext(stream), 1)  # nothing changed for FOLLOW_BEAT_S
         assert all(isinstance(x, skip) for x in beat[:6]) and beat[6][4] == len("step 2 loss 1.5")
 

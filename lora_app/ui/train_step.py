@@ -19,9 +19,12 @@ from .context import Context, warned
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
 CACHE = timeline.EventCache()
-FOLLOW_CHECK_S = 0.25  # how often follow() looks at the shown run's folder: a report is on the page ~0.3 s later
-FOLLOW_BEAT_S = 10.0  # follow() answers "no change" this often: gradio ends the stream of a page gone only then
-FOLLOWING: dict[str | None, object] = {}  # page session -> its newest follow(); an older one of the session ends
+# follow(): how often it looks at the shown run's folder (a report is on the page ~0.3 s later); how long it
+# waits after an update (a GPU run may report several times a second: the page then redraws once a second, ~40 ms
+# of chromium CPU each on a 2-core machine, not once a report); how often it answers "no change" (gradio ends
+# the stream of a page gone only then); and each page session's newest follow() (an older one of it ends).
+FOLLOW_CHECK_S, FOLLOW_GAP_S, FOLLOW_BEAT_S = 0.25, 1.0, 10.0
+FOLLOWING: dict[str | None, object] = {}
 ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
 
 
@@ -115,11 +118,12 @@ def folder_mark(run_dir: Path) -> tuple:
 
 
 async def follow(ctx: Context, current: str, seen: list | None, session: str | None = None):
-    """The live view, pushed: poll()'s answer each time the shown run's folder changes, and nothing in between
-    but a "no change" every FOLLOW_BEAT_S. Ends when the page goes away or shows another run (a newer follow()
-    of the same session). The page used to poll once a second (a gr.Timer): each poll cost the server ~18 ms
-    of gradio's request handling and the page ~20 ms, with nothing new too, CPU taken from a training run on a
-    CPU-only machine (bench/RESULTS.md). Looking at an unchanged folder here costs a few stat calls."""
+    """The live view, pushed: poll()'s answer each time the shown run's folder changes (at most once a
+    FOLLOW_GAP_S), and nothing in between but a "no change" every FOLLOW_BEAT_S. Ends when the page goes away
+    or shows another run (a newer follow() of the same session). The page used to poll once a second (a
+    gr.Timer): each poll cost the server ~18 ms of gradio's request handling and the page ~20 ms, with nothing
+    new too, CPU taken from a training run on a CPU-only machine (bench/RESULTS.md). Looking at an unchanged
+    folder here costs a few stat calls."""
     if not current:
         return
     me = FOLLOWING[session] = object()
@@ -132,6 +136,7 @@ async def follow(ctx: Context, current: str, seen: list | None, session: str | N
                 if out[-1] is not seen:  # poll() answers the `seen` it was given when nothing shown changed
                     seen, said = out[-1], time.monotonic()
                     yield out
+                    await asyncio.sleep(FOLLOW_GAP_S)
             if time.monotonic() - said >= FOLLOW_BEAT_S:
                 said = time.monotonic()
                 yield (gr.skip(),) * 6 + (seen,)
