@@ -11,8 +11,9 @@ stream (the updates the page gets) during "on" windows and not at all during "of
 every --window seconds. Each train report covers the steps since the previous one; the reports whose span lies
 inside one window are summed per side (tokens / seconds), and each on window is compared with the mean of the
 off windows on either side of it (so a steady drift cancels). What is left is the UI's cost. Both sides look
-at the run folder (has it ended?), so only the watching differs. The windows go to windows.json in
-the output folder, for a second look at the run's events.jsonl (app-runs/run/).
+at the run folder (has it ended?), so only the watching differs. The windows go to windows.json and when each
+train point was first seen to seen_at.json in the output folder, for a second look at the run's events.jsonl
+(app-runs/run/).
 
 With --browser the watcher is the app's page itself, in Debian's chromium (headless, Playwright), opened on the
 run: in the on windows it draws the updates the app streams to it; in the off windows it is frozen through the
@@ -177,8 +178,9 @@ def main() -> None:
     assert state.status == "done", f"{state.status}: see {run_dir / 'train.log'}"
     reports = {e["step"]: e["time"] for e in events if e["event"] == "train"}
     watched = [(a, b) for a, b, on in windows if on]
-    delays = [seen_at[s] - t for s, t in reports.items()  # reports with an on window left after them
-              if s in seen_at and any(a <= t < b - 1.0 for a, b in watched)]
+    # Reports with 2 s of their on window left: an update comes up to FOLLOW_GAP_S + FOLLOW_CHECK_S (1.25 s) after
+    # its report, and one later than the window's end is first seen in the next on window.
+    delays = [seen_at[s] - t for s, t in reports.items() if s in seen_at and any(a <= t < b - 2.0 for a, b in watched)]
     got = window_rates(events, windows)
     rate = {side: sum(n for o, n, _ in got if o == side) / sum(s for o, _, s in got if o == side)
             for side in (True, False)}
@@ -186,6 +188,7 @@ def main() -> None:
     pairs = [mid / ((before + after) / 2) for (o0, before), (o1, mid), (o2, after) in zip(speed, speed[1:], speed[2:])
              if o1 and not o0 and not o2]  # on windows between two off ones
     (out / "windows.json").write_text(json.dumps(windows), encoding="utf-8")
+    (out / "seen_at.json").write_text(json.dumps(seen_at), encoding="utf-8")
     on_wall = sum(b - a for a, b in watched)
     off_wall = sum(b - a for a, b, on in windows if not on)
     quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
