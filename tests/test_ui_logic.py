@@ -297,3 +297,32 @@ def test_follow_pushes_each_change_once_and_ends_when_superseded(tmp_path, monke
         assert "page" not in train_step.FOLLOWING
 
     asyncio.run(scenario())
+
+
+def test_follow_goes_on_after_a_bad_read(tmp_path, monkeypatch):
+    """A poll that fails shows a warning naming the run and the error, and the next change redraws everything:
+    the page's one stream does not end on an error (before, the next 1 s poll simply tried again)."""
+    import asyncio
+
+    from lora_app.ui import timeline, train_step
+    from lora_app.ui.context import Context
+
+    monkeypatch.setattr(train_step, "FOLLOW_CHECK_S", 0.01)
+    monkeypatch.setattr(train_step, "FOLLOW_GAP_S", 0.01)
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "config.json").write_text('{"iters": 10}')
+    runs.append_event(tmp_path / "r1", "train", step=1, loss=2.0)
+    real = timeline.loss_frame
+    monkeypatch.setattr(timeline, "loss_frame", lambda events: 1 / 0)
+
+    async def scenario() -> None:
+        stream = train_step.follow(Context(tmp_path, None), "r1", None, "page")
+        bad = await asyncio.wait_for(anext(stream), 1)
+        assert "r1" in bad[5] and "division by zero" in bad[5] and bad[6] is None
+        monkeypatch.setattr(timeline, "loss_frame", real)
+        runs.append_event(tmp_path / "r1", "train", step=2, loss=1.5)
+        good = await asyncio.wait_for(anext(stream), 1)
+        assert len(good[2]) == 4 and good[5] == "Showing **r1** · new"
+        await stream.aclose()
+
+    asyncio.run(scenario())

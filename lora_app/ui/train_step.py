@@ -117,6 +117,16 @@ def folder_mark(run_dir: Path) -> tuple:
     return (*marks, runs.pid_alive(runs.read_pid(run_dir)))
 
 
+def shown(ctx: Context, current: str, seen: list | None) -> tuple:
+    """poll(), or if it fails a warning in place of the "Showing" line and a `seen` of None, so that the stream
+    goes on and the next change redraws everything: one bad read must not end a page's live view."""
+    try:
+        return poll(ctx, current, seen)
+    except Exception as e:  # noqa: BLE001 - whatever it is, the message names it and the run
+        return (gr.skip(),) * 5 + (f"⚠️ Showing **{current}**: could not read its folder ({e}); "
+                                   "trying again at its next change.", None)
+
+
 async def follow(ctx: Context, current: str, seen: list | None, session: str | None = None):
     """The live view, pushed: poll()'s answer each time the shown run's folder changes (at most once a
     FOLLOW_GAP_S), and nothing in between but a "no change" every FOLLOW_BEAT_S. Ends when the page goes away
@@ -132,8 +142,9 @@ async def follow(ctx: Context, current: str, seen: list | None, session: str | N
         while FOLLOWING.get(session) is me:
             now = folder_mark(ctx.runs_dir / current)
             if now != mark:
-                mark, out = now, poll(ctx, current, seen)
-                if out[-1] is not seen:  # poll() answers the `seen` it was given when nothing shown changed
+                mark, out = now, shown(ctx, current, seen)
+                # poll() answers the `seen` it was given when nothing shown changed; None: a failed read's warning
+                if out[-1] is not seen or out[-1] is None:
                     seen, said = out[-1], time.monotonic()
                     yield out
                     await asyncio.sleep(FOLLOW_GAP_S)
