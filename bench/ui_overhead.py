@@ -190,10 +190,10 @@ def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple
     while not (state := finished(run_dir)):
         follower.take()
         time.sleep(0.25)
-    time.sleep(1.0)  # the run's last update
+    time.sleep(2.0)  # the run's last update: up to FOLLOW_GAP_S + FOLLOW_CHECK_S after its report
     follower.close()
     cpu["server"] = cpu.get("server", 0.0) + cpu_seconds(server) - served
-    cpu["poller"] = cpu.get("poller", 0.0) + time.process_time() - mine
+    cpu["follower"] = cpu.get("follower", 0.0) + time.process_time() - mine
     cpu["wall"] = cpu.get("wall", 0.0) + time.time() - wall
     return outcome(run_dir, state, seen_at)
 
@@ -286,7 +286,7 @@ def cpu_line(cpu: dict, browser: bool) -> str:
 
     if not browser:
         return (f"the app server {rate('server')}, the follower (gradio_client, standing in for the browser) "
-                f"{rate('poller')}")
+                f"{rate('follower')}")
     return (f"the app server {rate('server')}, chromium (all its processes) {rate('chromium')}, the harness "
             f"(Playwright's driver and this script) {rate('harness')}; with the page open and idle before Start: "
             f"chromium {rate('idle_chromium', 'idle_wall')}, the app server {rate('idle_server', 'idle_wall')}")
