@@ -199,9 +199,14 @@ def compare_drawn(page) -> set[tuple[str, int]]:
     """{(curve, step or tokens)} of the points the Compare plot shows now."""
     found = set()
     for f in point_fields(page, "compare-plot"):
-        x = f.get("step", f.get("tokens"))
-        if "curve" in f and x is not None:
-            found.add((f["curve"], int(float(x.replace(",", "")))))
+        for key in ("step", "tokens"):
+            try:  # mid-redraw a label may still name the other axis, as "undefined": that point is not drawn yet
+                x = int(float(f[key].replace(",", "")))
+            except (KeyError, ValueError):
+                continue
+            if "curve" in f:
+                found.add((f["curve"], x))
+            break
     return found
 
 
