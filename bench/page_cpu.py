@@ -48,8 +48,9 @@ def open_page(browser, url: str):
     return page
 
 
-def live_run(run_dir: Path, total: int, every: float, stop: threading.Event) -> subprocess.Popen:
-    """A running run folder, a train report every `every` s until `stop`; returns its stand-in process (a sleep)."""
+def live_run(run_dir: Path, total: int, every: float, stop: threading.Event, earlier: int = 0) -> subprocess.Popen:
+    """A running run folder with `earlier` train reports already, then one every `every` s until `stop`; returns
+    its stand-in process (a sleep)."""
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"iters": total, "learning_rate": 1e-4}))
     alive = subprocess.Popen(["sleep", "3600"])
@@ -58,8 +59,12 @@ def live_run(run_dir: Path, total: int, every: float, stop: threading.Event) -> 
     runs.append_event(run_dir, "first_step", tokens=1000, seconds=2.0)
     runs.append_event(run_dir, "status", status="running", total_steps=total)
 
+    for step in range(10, 10 * earlier + 1, 10):
+        runs.append_event(run_dir, "train", step=step, loss=3 / (1 + step / 100), learning_rate=1e-4,
+                          tokens_per_second=5000.0, trained_tokens=1000 * step, peak_memory_gb=0.1)
+
     def report() -> None:
-        step = 0
+        step = 10 * earlier
         while not stop.wait(every):
             step += 10
             runs.append_event(run_dir, "train", step=step, loss=3 / (1 + step / 100), learning_rate=1e-4,
@@ -77,6 +82,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--total-steps", type=int, default=200, help="the live run's length (its bar's pace)")
     ap.add_argument("--report-every", type=float, default=1.0, help="seconds between the live run's reports")
+    ap.add_argument("--points", type=int, default=0, help="train reports the live run has already (its plot's size)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="page_cpu-"))
     runs_dir = tmp / "runs"
@@ -93,7 +99,7 @@ def main() -> None:
             page.close()
 
             run_dir, stop = runs_dir / f"live{r}", threading.Event()
-            alive = live_run(run_dir, a.total_steps, a.report_every, stop)
+            alive = live_run(run_dir, a.total_steps, a.report_every, stop, a.points)
             page = open_page(browser, url)
             page.locator("#progress").get_by_text("running").wait_for(timeout=30_000)
             page.evaluate(WATCH_PLOT)

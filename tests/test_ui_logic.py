@@ -33,6 +33,20 @@ def test_loss_frame_keeps_last_value_per_step_after_resume():
     assert frame[frame.series == "valid"].loss.tolist() == [2.6]
 
 
+def test_thin_keeps_the_shape_and_the_newest_point():
+    events = [ev("train", step=s, loss=1 / s) for s in range(1, 1001)] + [
+        ev("val", step=s, val_loss=2 / s) for s in range(100, 1001, 100)]
+    frame = timeline.thin(timeline.loss_frame(events), 200)
+    train = frame[frame.series == "train"]
+    assert len(train) == 200 and train.step.iloc[0] == 1
+    assert train.step.iloc[-50:].tolist() == list(range(951, 1001))  # the newest 50 all there
+    assert train.step.iloc[:150].diff().dropna().between(5, 8).all()  # the older evenly spaced (949 / 149 = 6.4)
+    assert (train.loss == 1 / train.step).all() and len(frame[frame.series == "valid"]) == 10  # values as read
+    assert frame.step.is_monotonic_increasing
+    short = timeline.loss_frame(events[:50])
+    assert timeline.thin(short, 200).equals(short) and timeline.thin(timeline.loss_frame([]), 200).empty
+
+
 def test_duration_and_eta():
     assert [timeline.format_duration(s) for s in (None, 5, 125, 3725)] == ["-", "5s", "2m 05s", "1h 02m"]
     events = [ev("train", 100.0, step=10, loss=1), ev("train", 110.0, step=20, loss=1)]

@@ -25,6 +25,7 @@ CACHE = timeline.EventCache()
 # the stream of a page gone only then); and each page session's newest follow() (an older one of it ends).
 FOLLOW_CHECK_S, FOLLOW_GAP_S, FOLLOW_BEAT_S = 0.25, 1.0, 10.0
 FOLLOWING: dict[str | None, object] = {}
+PLOT_POINTS = 200  # per series in the live loss plot: each is redrawn on every update (timeline.thin)
 ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
 
 
@@ -99,8 +100,9 @@ def poll(ctx: Context, current: str, seen: list | None) -> tuple:
     if seen == version:
         return (gr.skip(),) * 6 + (seen,)
     same_samples = seen is not None and seen[0] == current and seen[-1] == samples
-    return (timeline.progress_html(state, events), timeline.stats_markdown(state, events),
-            plot_update(timeline.loss_frame(events)), gr.skip() if same_samples else timeline.samples_frame(events),
+    curve = timeline.thin(timeline.loss_frame(events), PLOT_POINTS)
+    return (timeline.progress_html(state, events), timeline.stats_markdown(state, events), plot_update(curve),
+            gr.skip() if same_samples else timeline.samples_frame(events),
             log, f"Showing **{current}** · {state.status}", version)
 
 
