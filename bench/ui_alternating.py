@@ -178,7 +178,7 @@ def main() -> None:
     assert state.status == "done", f"{state.status}: see {run_dir / 'train.log'}"
     reports = {e["step"]: e["time"] for e in events if e["event"] == "train"}
     watched = [(a, b) for a, b, on in windows if on]
-    # Reports with 2 s of their on window left: an update comes up to FOLLOW_GAP_S + FOLLOW_CHECK_S (1.25 s) after
+    # Reports with 2 s of their on window left: an update comes up to FOLLOW_GAP_S + FOLLOW_CHECK_S (0.9 s) after
     # its report, and one later than the window's end is first seen in the next on window.
     delays = [seen_at[s] - t for s, t in reports.items() if s in seen_at and any(a <= t < b - 2.0 for a, b in watched)]
     got = window_rates(events, windows)

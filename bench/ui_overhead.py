@@ -190,7 +190,7 @@ def run_app(client, values: list, runs_dir: Path, name: str, cpu: dict) -> tuple
     while not (state := finished(run_dir)):
         follower.take()
         time.sleep(0.25)
-    time.sleep(2.0)  # the run's last update: up to FOLLOW_GAP_S + FOLLOW_CHECK_S after its report
+    time.sleep(2.0)  # the run's last update: up to FOLLOW_GAP_S + FOLLOW_CHECK_S after its end
     follower.close()
     cpu["server"] = cpu.get("server", 0.0) + cpu_seconds(server) - served
     cpu["follower"] = cpu.get("follower", 0.0) + time.process_time() - mine

@@ -19,11 +19,12 @@ from .context import Context, warned
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
 CACHE = timeline.EventCache()
-# follow(): how often it looks at the shown run's folder (a report is on the page ~0.3 s later); how long it
-# waits after an update (a GPU run may report several times a second: the page then redraws once a second, ~40 ms
-# of chromium CPU each on a 2-core machine, not once a report); how often it answers "no change" (gradio ends
-# the stream of a page gone only then); and each page session's newest follow() (an older one of it ends).
-FOLLOW_CHECK_S, FOLLOW_GAP_S, FOLLOW_BEAT_S = 0.25, 1.0, 10.0
+# follow(): how often it looks at the shown run's folder (a few stat calls); how long it waits after an update (a
+# GPU run may report several times a second: the page then redraws about once a second, ~40 ms of chromium CPU
+# each on a 2-core machine, not once a report; a report waits at most ~0.9 s plus the redraw, under the 2 s the
+# page promises even on a loaded CI machine); how often it answers "no change" (gradio ends the stream of a page
+# gone only then); and each page session's newest follow() (an older one of it ends).
+FOLLOW_CHECK_S, FOLLOW_GAP_S, FOLLOW_BEAT_S = 0.1, 0.8, 10.0
 FOLLOWING: dict[str | None, object] = {}
 PLOT_POINTS = 200  # per series in the live loss plot: each is redrawn on every update (timeline.thin)
 ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
