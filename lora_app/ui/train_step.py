@@ -86,12 +86,17 @@ def initial_run(ctx: Context) -> str:
     return found[0].name if found else ""
 
 
+def nothing_new(seen: list | None) -> tuple:
+    """The live outputs' answer when none of them changed: each skipped, the version shown kept."""
+    return (gr.skip(),) * 6 + (seen,)
+
+
 def poll(ctx: Context, current: str, seen: list | None) -> tuple:
     """Everything the live view shows, from the run folder, and the version shown; skipped when nothing changed.
     The sample table is skipped too while its probes are the ones shown: the page redraws a table on each update,
     15-20 ms of its CPU a second while a run reports (bench/page_cpu.py)."""
     if not current or not (ctx.runs_dir / current).is_dir():
-        return (gr.skip(),) * 6 + (seen,)
+        return nothing_new(seen)
     run_dir = ctx.runs_dir / current
     events = CACHE.events(run_dir)
     state = runs.run_state(run_dir, events)
@@ -99,7 +104,7 @@ def poll(ctx: Context, current: str, seen: list | None) -> tuple:
     samples = sum(e["event"] == "sample" for e in events)
     version = [current, len(events), state.status, state.alive, len(log), samples]
     if seen == version:
-        return (gr.skip(),) * 6 + (seen,)
+        return nothing_new(seen)
     same_samples = seen is not None and seen[0] == current and seen[-1] == samples
     curve = timeline.thin(timeline.loss_frame(events), PLOT_POINTS)
     return (timeline.progress_html(state, events), timeline.stats_markdown(state, events), plot_update(curve),
@@ -153,7 +158,7 @@ async def follow(ctx: Context, current: str, seen: list | None, session: str | N
                     await asyncio.sleep(FOLLOW_GAP_S)
             if time.monotonic() - said >= FOLLOW_BEAT_S:
                 said = time.monotonic()
-                yield (gr.skip(),) * 6 + (seen,)
+                yield nothing_new(seen)
             await asyncio.sleep(FOLLOW_CHECK_S)
     finally:
         if FOLLOWING.get(session) is me:
