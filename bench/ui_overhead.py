@@ -42,16 +42,13 @@ IDLE_S = 5  # the page open and idle before Start, to measure what an open page 
 # In the page: window.seenAt[step] = when the loss plot first drew that train point (Vega's hover points are
 # labelled "step: 10; loss: ...; series: train").
 WATCH_PLOT = """() => {
-  const label = /^step: (\\d+);.*series: train$/;
   window.seenAt = {};
   new MutationObserver(() => {
     const now = Date.now() / 1000;
-    for (const point of document.querySelectorAll('#loss-plot [aria-roledescription="point"]')) {
-      const m = label.exec(point.getAttribute("aria-label") || "");
-      if (m) window.seenAt[m[1]] ??= now;
+    for (const path of document.querySelectorAll('#loss-plot [data-series="train"]')) {
+      for (const point of path.dataset.points.split(" ")) window.seenAt[point.split(",")[2]] ??= now;
     }
-  }).observe(document.getElementById("loss-plot"), {subtree: true, childList: true, attributes: true,
-                                                     attributeFilter: ["aria-label"]});  // the plot only: cheap
+  }).observe(document.getElementById("loss-plot"), {subtree: true, childList: true});  // the plot only: cheap
 }"""
 
 
@@ -168,8 +165,8 @@ class Follower:
 
         outs, now = self.job.outputs(), time.time()
         for out in outs[self.read:]:
-            for step, loss, series in plot_points(out):
-                if series == "train" and loss is not None:  # not the plot's empty lead point (plot_update)
+            for step, _, series in plot_points(out):
+                if series == "train":
                     self.seen_at.setdefault(int(step), now)
         self.read = len(outs)
 

@@ -37,7 +37,7 @@ def browser():
         b.close()
 
 
-# The points a plot shows: Vega labels each hover point "step: 10; loss: 2.31; series: train".
+# The points a Vega plot (Compare) shows: it labels each hover point "step: 10; loss: 2.31; series: train".
 POINT_LABELS = """id => Array.from(document.querySelectorAll(`#${id} [aria-roledescription="point"]`),
                                 point => point.getAttribute("aria-label") || "")"""
 
@@ -48,10 +48,14 @@ def point_fields(page, elem_id: str) -> list[dict[str, str]]:
             for label in page.evaluate(POINT_LABELS, elem_id)]
 
 
+# The points the live loss plot shows: each series' path lists them (loss_plot.py), "x,y,step,loss ...".
+LOSS_POINTS = """() => Array.from(document.querySelectorAll("#loss-plot [data-points]"), path =>
+  path.dataset.points.split(" ").map(point => [path.dataset.series, Number(point.split(",")[2])])).flat()"""
+
+
 def drawn(page) -> set[tuple[str, int]]:
     """{(series, step)} of the points the page's loss plot shows now."""
-    return {(f["series"], int(f["step"].replace(",", ""))) for f in point_fields(page, "loss-plot")
-            if "series" in f and "step" in f}
+    return {(series, step) for series, step in page.evaluate(LOSS_POINTS)}
 
 
 def fill(page, elem_id: str, value: str, tag: str = "textarea") -> None:
@@ -116,8 +120,8 @@ def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_e
 def test_plot_draws_each_update_at_once(browser, tiny_model, text_data, tmp_path, engine_env):
     """The page draws an update's points when it arrives, not at the next changed one: a finished run's curve
     appears on opening the page, and a report with nothing changing after it is drawn within 2 s (the page
-    still follows a finished run: it may be resumed). Gradio 6.31 drew an update's frame only at the next
-    changed one when the update also changed a prop (train_step.plot_update), so these points never appeared."""
+    still follows a finished run: it may be resumed). Gradio 6.31's LinePlot, which drew this plot before
+    loss_plot.py, drew an update's frame only at the next changed one when the update also changed a prop."""
     runs_dir = tmp_path / "runs"
     run_dir = runs_dir / "cli-run"
     run_dir.mkdir(parents=True)
@@ -146,7 +150,25 @@ def test_plot_draws_each_update_at_once(browser, tiny_model, text_data, tmp_path
             assert time.time() - report["time"] < 2.0, f"step 40 not drawn 2 s after its report: {drawn(page)}"
             time.sleep(0.05)
         assert drawn(page) >= points  # the rest of the curve is still there
+
+        # The pointer on that point names it (loss_plot.HOVER_JS), and leaving the plot hides the name.
+        page.locator("#loss-plot").scroll_into_view_if_needed()
+        page.mouse.move(*page.evaluate(POINT_ON_SCREEN, ["train", 40]))
+        tip = page.locator(".loss-tip")
+        tip.get_by_text("train · step 40 · loss 1").wait_for(timeout=5_000)
+        page.mouse.move(5, 5)
+        tip.wait_for(state="hidden", timeout=5_000)
         page.close()
+
+
+# Where (series, step) of the live loss plot is on the screen: its place in the SVG's view, scaled.
+POINT_ON_SCREEN = """([series, step]) => {
+  const svg = document.querySelector("#loss-plot svg"), box = svg.getBoundingClientRect();
+  const k = box.width / svg.viewBox.baseVal.width;
+  const path = svg.querySelector(`[data-series="${series}"]`);
+  const [x, y] = path.dataset.points.split(" ").map(p => p.split(",")).find(p => Number(p[2]) === step);
+  return [box.left + x * k, box.top + y * k];
+}"""
 
 
 def fake_run(runs_dir: Path, name: str, losses: list[float], lr: float) -> None:

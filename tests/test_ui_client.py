@@ -16,6 +16,7 @@ import yaml
 
 from lora_app import runs
 from lora_app.config import RunConfig
+from lora_app.ui.loss_plot import points_in
 from lora_app.ui.settings import FORM_KEYS, config_to_form
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,11 +71,12 @@ def wait_until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def plot_points(poll_output: tuple) -> list:
-    plot = poll_output[2]  # {"columns": [...], "data": [[step, loss, series], ...]}, maybe inside an update
-    if isinstance(plot, dict) and isinstance(plot.get("value"), dict):
-        plot = plot["value"]
-    return plot.get("data", []) if isinstance(plot, dict) else []
+def plot_points(poll_output: tuple) -> list[tuple[int, float, str]]:
+    """[(step, loss, series)] of the loss plot (an SVG) in a /poll or /follow answer."""
+    plot = poll_output[2]
+    if isinstance(plot, dict):  # inside an update
+        plot = plot.get("value")
+    return points_in(plot or "")
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +106,8 @@ def test_run_from_start_to_stop(app, tiny_model, text_data, tmp_path):
 
     out = wait_until(lambda: (o := client.predict(api_name="/poll")) and len(plot_points(o)) >= 4 and o,
                      120, "the loss plot to have points")
-    steps = [row[0] for row in plot_points(out)]
-    assert steps == sorted(steps) and "running" in out[0]
+    steps = [step for step, _, series in plot_points(out) if series == "train"]
+    assert steps == sorted(steps) and len(steps) >= 2 and "running" in out[0]
     assert client.predict(api_name="/stop").startswith("Stop requested for **first**")
     wait_until(lambda: not runs.run_state(runs_dir / "first").alive, 60, "the run to stop")
     assert runs.run_state(runs_dir / "first").status == "stopped"

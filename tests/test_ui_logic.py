@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ import yaml
 from lora_app import memory, runs
 from lora_app.__main__ import build_parser, run_config_from_args
 from lora_app.config import ConfigError, RunConfig, save_config_json
-from lora_app.ui import cli, estimates, runlist, settings, timeline
+from lora_app.ui import cli, estimates, loss_plot, runlist, settings, timeline
+from lora_app.ui.loss_plot import loss_svg, nice_ticks, points_in
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +47,35 @@ def test_thin_keeps_the_shape_and_the_newest_point():
     assert frame.step.is_monotonic_increasing
     short = timeline.loss_frame(events[:50])
     assert timeline.thin(short, 200).equals(short) and timeline.thin(timeline.loss_frame([]), 200).empty
+
+
+def test_loss_svg_draws_each_point_inside_its_axes():
+    import xml.etree.ElementTree as ET
+
+    events = [ev("train", step=s, loss=4 - s / 100) for s in range(10, 301, 10)] + [
+        ev("val", step=150, val_loss=2.9), ev("val", step=300, val_loss=1.7)]
+    frame = timeline.loss_frame(events)
+    svg = loss_svg(frame)
+    expected = [(step, round(loss, 6), series) for step, loss, series in frame.itertuples(index=False)]
+    assert sorted(points_in(svg)) == sorted(expected)
+    root = ET.fromstring(svg)  # well-formed, so the page parses it as drawn
+    paths = {p.get("data-series"): p for p in root.iter("{http://www.w3.org/2000/svg}path")}
+    assert set(paths) == {"train", "valid"}
+    # Every point in the plotting area, the first and last steps at its ends
+    left, right = loss_plot.LEFT, loss_plot.WIDTH - loss_plot.RIGHT
+    top, bottom = loss_plot.TOP, loss_plot.HEIGHT - loss_plot.BOTTOM
+    xy = [tuple(map(float, point.split(",")[:2])) for path in paths.values()
+          for point in path.get("data-points").split()]
+    assert all(left <= x <= right and top <= y <= bottom for x, y in xy)
+    assert min(x for x, _ in xy) == left and max(x for x, _ in xy) == right
+    assert nice_ticks(1.0, 3.9) == [1.0, 2.0, 3.0, 4.0] and nice_ticks(20, 1060) == [0, 250, 500, 750, 1000, 1250]
+    # A lone first point is drawn (a zero-length line with round caps: a dot); no points, a message; NaN left out
+    one = loss_svg(timeline.loss_frame(events[:1]))
+    x, y = re.search(r'data-points="([\d.]+),([\d.]+),10,3.9"', one).groups()
+    assert points_in(one) == [(10, 3.9, "train")] and f'd="M{x} {y} L{x} {y}"' in one
+    assert "No loss reported yet" in loss_svg(timeline.loss_frame([])) and points_in(loss_svg(frame.iloc[:0])) == []
+    with_nan = frame.assign(loss=frame.loss.where(frame.step != 20))
+    assert (20, 3.8, "train") not in points_in(loss_svg(with_nan)) and len(points_in(loss_svg(with_nan))) == 31
 
 
 def test_duration_and_eta():
@@ -263,7 +294,7 @@ def test_poll_sends_only_what_changed(tmp_path):
     assert all(isinstance(x, skip) for x in train_step.poll(ctx, "r1", first[6])[:6])
     runs.append_event(run, "train", step=1, loss=2.0)
     again = train_step.poll(ctx, "r1", first[6])
-    assert isinstance(again[3], skip) and len(again[2]) == len(first[2]) + 1 and again[6] != first[6]
+    assert isinstance(again[3], skip) and points_in(again[2]) == [(1, 2.0, "train")] and again[6] != first[6]
 
 
 def test_follow_pushes_each_change_once_and_ends_when_superseded(tmp_path, monkeypatch):
@@ -290,13 +321,13 @@ def test_follow_pushes_each_change_once_and_ends_when_superseded(tmp_path, monke
     async def scenario() -> None:
         stream = train_step.follow(ctx, "r1", None, "page")
         first = await asyncio.wait_for(anext(stream), 1)
-        assert len(first[2]) == 3 and first[6][:2] == ["r1", 1]  # two empty key points and step 1
+        assert points_in(first[2]) == [(1, 2.0, "train")] and first[6][:2] == ["r1", 1]
         pending = asyncio.ensure_future(anext(stream))
         await asyncio.sleep(0.4)  # past the gap, before the beat
         assert not pending.done(), "an unchanged folder was answered"
         runs.append_event(tmp_path / "r1", "train", step=2, loss=1.5)
         second, at = await asyncio.wait_for(pending, 1), time.monotonic()
-        assert len(second[2]) == 4 and second[6][1] == 2
+        assert points_in(second[2])[-1] == (2, 1.5, "train") and second[6][1] == 2
         (tmp_path / "r1" / "train.log").write_text("step 2 loss 1.5\n")  # at once: it waits for the gap
         assert (await asyncio.wait_for(anext(stream), 1))[4] == "step 2 loss 1.5"
         assert time.monotonic() - at >= 0.2
@@ -336,7 +367,7 @@ def test_follow_goes_on_after_a_bad_read(tmp_path, monkeypatch):
         monkeypatch.setattr(timeline, "loss_frame", real)
         runs.append_event(tmp_path / "r1", "train", step=2, loss=1.5)
         good = await asyncio.wait_for(anext(stream), 1)
-        assert len(good[2]) == 4 and good[5] == "Showing **r1** · new"
+        assert len(points_in(good[2])) == 2 and good[5] == "Showing **r1** · new"
         await stream.aclose()
 
     asyncio.run(scenario())

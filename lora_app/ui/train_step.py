@@ -10,12 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
-import pandas as pd
 
 from .. import runs
 from ..config import ConfigError, save_config_json
 from . import launch, timeline
 from .context import Context, warned
+from .loss_plot import HOVER_JS, loss_svg
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
 CACHE = timeline.EventCache()
@@ -107,7 +107,7 @@ def poll(ctx: Context, current: str, seen: list | None) -> tuple:
         return nothing_new(seen)
     same_samples = seen is not None and seen[0] == current and seen[-1] == samples
     curve = timeline.thin(timeline.loss_frame(events), PLOT_POINTS)
-    return (timeline.progress_html(state, events), timeline.stats_markdown(state, events), plot_update(curve),
+    return (timeline.progress_html(state, events), timeline.stats_markdown(state, events), loss_svg(curve),
             gr.skip() if same_samples else timeline.samples_frame(events),
             log, f"Showing **{current}** · {state.status}", version)
 
@@ -163,22 +163,6 @@ async def follow(ctx: Context, current: str, seen: list | None, session: str | N
     finally:
         if FOLLOWING.get(session) is me:
             del FOLLOWING[session]
-
-
-SERIES = ("train", "valid")
-
-
-def plot_update(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame, led by one empty point (loss NaN, which the plot leaves out) per series, and sent as a bare
-    value. Gradio 6.31's LinePlot takes its colour domain from the data only when it builds the chart (the first
-    draw, a resize, any prop change), so a series absent then is never drawn; and an update that changes a prop
-    (colors_in_legend, as we sent before) rebuilds the chart from the previous value, so the page drew each poll
-    only at the next changed one, and a run's last point never (bench/ui_overhead.py --browser). With both
-    series always present the domain is right from the first build and a poll needs no prop: only the data is
-    swapped, which is also much cheaper for the page than a rebuild."""
-    first = int(frame["step"].min()) if len(frame) else 0  # on the curve's range: the x axis stays as it was
-    keys = pd.DataFrame({"step": [first] * len(SERIES), "loss": [float("nan")] * len(SERIES), "series": SERIES})
-    return pd.concat([keys.astype(frame.dtypes.to_dict()), frame], ignore_index=True)
 
 
 def launch_fields(mode: str) -> tuple:
@@ -282,8 +266,7 @@ def build() -> SimpleNamespace:
     c.showing = gr.Markdown("", elem_id="showing")
     c.progress = gr.HTML(elem_id="progress")
     c.stats = gr.Markdown("", elem_id="train-stats")
-    c.plot = gr.LinePlot(plot_update(timeline.loss_frame([])), x="step", y="loss", color="series", title="Loss",
-                         height=320, elem_id="loss-plot")
+    c.plot = gr.HTML(loss_svg(timeline.loss_frame([])), js_on_load=HOVER_JS, elem_id="loss-plot")
     c.samples = gr.Dataframe(label="Sample probes (step × prompt; the first row is the base model)",
                              interactive=False, wrap=True, elem_id="samples")
     c.log = gr.Textbox(label="train.log (last lines)", lines=8, max_lines=12, interactive=False, elem_id="log")
