@@ -48,7 +48,8 @@ WATCH_PLOT = """() => {
     for (const path of document.querySelectorAll('#loss-plot [data-series="train"]')) {
       for (const point of path.dataset.points.split(" ")) window.seenAt[point.split(",")[2]] ??= now;
     }
-  }).observe(document.getElementById("loss-plot"), {subtree: true, childList: true});  // the plot only: cheap
+  }).observe(document.getElementById("loss-plot"), {subtree: true, childList: true, attributes: true,
+                                                     attributeFilter: ["data-points"]});  // the plot only: cheap
 }"""
 
 
