@@ -39,8 +39,8 @@ from lora_app.config import save_config_json  # noqa: E402
 from lora_app.ui.settings import FORM_KEYS, export_yaml, form_to_config  # noqa: E402
 
 IDLE_S = 5  # the page open and idle before Start, to measure what an open page costs by itself
-# In the page: window.seenAt[step] = when the loss plot first drew that train point (Vega's hover points are
-# labelled "step: 10; loss: ...; series: train").
+# In the page: window.seenAt[step] = when the loss plot first drew that train point (the SVG's train path lists its
+# points as "x,y,step,loss ...": lora_app/ui/loss_plot.py).
 WATCH_PLOT = """() => {
   window.seenAt = {};
   new MutationObserver(() => {

@@ -20,7 +20,7 @@ from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, i
 
 CACHE = timeline.EventCache()
 # follow(): how often it looks at the shown run's folder (a few stat calls); how long it waits after an update (a
-# GPU run may report several times a second: the page then redraws about once a second, ~40 ms of chromium CPU
+# GPU run may report several times a second: the page then redraws about once a second, ~20 ms of chromium CPU
 # each on a 2-core machine, not once a report; a report waits at most ~0.9 s plus the redraw, under the 2 s the
 # page promises even on a loaded CI machine); how often it answers "no change" (gradio ends the stream of a page
 # gone only then); and each page session's newest follow() (an older one of it ends).
