@@ -74,8 +74,12 @@ def test_loss_svg_draws_each_point_inside_its_axes():
     x, y = re.search(r'data-points="([\d.]+),([\d.]+),10,3.9"', one).groups()
     assert points_in(one) == [(10, 3.9, "train")] and f'd="M{x} {y} L{x} {y}"' in one
     assert "No loss reported yet" in loss_svg(timeline.loss_frame([])) and points_in(loss_svg(frame.iloc[:0])) == []
-    with_nan = frame.assign(loss=frame.loss.where(frame.step != 20))
-    assert (20, 3.8, "train") not in points_in(loss_svg(with_nan)) and len(points_in(loss_svg(with_nan))) == 31
+    gaps = frame.assign(loss=frame.loss.where(frame.step != 20).where(frame.step != 30, float("inf")))
+    assert {s for s, _, _ in points_in(loss_svg(gaps))} == set(frame.step) - {20, 30}
+    assert loss_plot.tick_labels([2.5, 3.0, 3.5]) == ["2.5", "3.0", "3.5"]
+    assert loss_plot.tick_labels([1000.0, 2000.0]) == ["1,000", "2,000"]
+    close = loss_plot.tick_labels(nice_ticks(2.30001, 2.30004))
+    assert len(set(close)) == len(close) >= 4 and all(len(label) == 7 for label in close)  # 2.3000x
 
 
 def test_duration_and_eta():

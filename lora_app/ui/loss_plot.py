@@ -15,6 +15,7 @@ import math
 import re
 from html import escape
 
+import numpy as np
 import pandas as pd
 
 WIDTH, HEIGHT = 1000, 320  # scaled to the page's width: about its size on a laptop's screen
@@ -62,17 +63,19 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
     first = math.floor(low / step) * step
-    ticks = [first + i * step for i in range(int(math.ceil((high - first) / step)) + 1)]
+    ticks = [first + i * step for i in range(math.ceil((high - first) / step - 1e-9) + 1)]  # 1e-9: float error
     return [round(t, 12) for t in ticks]
 
 
-def tick_label(value: float) -> str:
-    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
+def tick_labels(ticks: list[float]) -> list[str]:
+    """The ticks with the fewest decimals that still tell them apart (2.5, 3.0 or 2.30001, 2.30002)."""
+    decimals = next(d for d in range(13) if all(abs(round(t, d) - t) < 1e-12 for t in ticks))
+    return [f"{t:,.{decimals}f}" for t in ticks]
 
 
 def loss_svg(frame: pd.DataFrame, title: str = "Loss") -> str:
-    """The plot of `frame` (columns step, loss, series), NaN losses left out."""
-    frame = frame.dropna(subset=["loss"])
+    """The plot of `frame` (columns step, loss, series); NaN and infinite losses (a diverged run) left out."""
+    frame = frame[np.isfinite(frame["loss"])]
     x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP
     parts = [f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" role="img" aria-label="{escape(title)} plot" '
              f'xmlns="http://www.w3.org/2000/svg">',
@@ -95,11 +98,12 @@ def loss_svg(frame: pd.DataFrame, title: str = "Loss") -> str:
     def py(loss: float) -> float:
         return y0 + (loss - lo_y) / (hi_y - lo_y) * (y1 - y0)
 
-    for t in ys:
+    for t, label in zip(ys, tick_labels(ys)):
         parts.append(f'<line x1="{x0}" x2="{x1}" y1="{py(t):.1f}" y2="{py(t):.1f}" {GRID}/>'
-                     f'<text x="{x0 - 8}" y="{py(t) + 4:.1f}" text-anchor="end" {TEXT}>{tick_label(t)}</text>')
-    for t in (t for t in xs if lo_x <= t <= hi_x):
-        parts.append(f'<text x="{px(t):.1f}" y="{y0 + 20}" text-anchor="middle" {TEXT}>{tick_label(t)}</text>')
+                     f'<text x="{x0 - 8}" y="{py(t) + 4:.1f}" text-anchor="end" {TEXT}>{label}</text>')
+    for t, label in zip(xs, tick_labels(xs)):
+        if lo_x <= t <= hi_x:
+            parts.append(f'<text x="{px(t):.1f}" y="{y0 + 20}" text-anchor="middle" {TEXT}>{label}</text>')
     parts.append(f'<text x="{(x0 + x1) / 2}" y="{y0 + 38}" text-anchor="middle" {TEXT}>step</text>'
                  f'<text transform="translate(16 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle" {TEXT}>'
                  "loss</text>")
