@@ -69,7 +69,7 @@ def test_loss_svg_draws_each_point_inside_its_axes():
     assert all(left <= x <= right and top <= y <= bottom for x, y in xy)
     assert min(x for x, _ in xy) == left and max(x for x, _ in xy) == right
     assert nice_ticks(1.0, 3.9) == [1.0, 2.0, 3.0, 4.0] and nice_ticks(20, 1060) == [0, 250, 500, 750, 1000, 1250]
-    # A lone first point is drawn (a zero-length line with round caps: a dot); no points, a message; NaN left out
+    # A lone first point is drawn (a zero-length line with round caps: a dot); no points, a message; NaN, inf left out
     one = loss_svg(timeline.loss_frame(events[:1]))
     x, y = re.search(r'data-points="([\d.]+),([\d.]+),10,3.9"', one).groups()
     assert points_in(one) == [(10, 3.9, "train")] and f'd="M{x} {y} L{x} {y}"' in one
