@@ -84,12 +84,12 @@ def loss_svg(frame: pd.DataFrame, title: str = "Loss") -> str:
         parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" {TEXT}>'
                      "No loss reported yet</text></svg>")
         return "".join(parts)
-    xs, ys = nice_ticks(frame["step"].min(), frame["step"].max()), nice_ticks(frame["loss"].min(),
-                                                                               frame["loss"].max())
-    # The axes span the data exactly on x (the curve fills the width) and the round ticks on y.
+    # The axes span the data exactly on x (the curve fills the width; one step: a step either side) and the
+    # round ticks on y.
     lo_x, hi_x = float(frame["step"].min()), float(frame["step"].max())
     if hi_x == lo_x:
         lo_x, hi_x = lo_x - 1, hi_x + 1
+    xs, ys = nice_ticks(lo_x, hi_x), nice_ticks(frame["loss"].min(), frame["loss"].max())
     lo_y, hi_y = ys[0], ys[-1]
 
     def px(step: float) -> float:
