@@ -115,13 +115,15 @@ def mlx_lm_compiled_step(model, opt) -> tuple:
     return step, state
 
 
-def ours_compiled_step(model) -> tuple:
-    """Trainer.compiled_step (default settings) for a model with LoRA applied, in training mode."""
+def ours_compiled_step(model, plain_loss: bool = False) -> tuple:
+    """Trainer.compiled_step (default settings) for a model with LoRA applied, in training mode; plain_loss: the
+    loss through the whole logits tensor instead of head_loss's chunks."""
     from lora_app.config import RunConfig
+    from lora_app.head_loss import find_head
     from lora_app.trainer import Trainer, build_optimizer
 
     t = Trainer.__new__(Trainer)
-    t.model, t.cfg = model, RunConfig()
+    t.model, t.cfg, t.head = model, RunConfig(), None if plain_loss else find_head(model)
     t.optimizer = build_optimizer(t.cfg, 1000)
     t.optimizer.init(model.trainable_parameters())
     model.train()

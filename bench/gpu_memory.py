@@ -39,7 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 # name: (data, loop mode, options); options: limit (GB memory limit), factor (limit = factor x step 1's peak),
 # clear (clear_cache at reports),
 # loss ("bool": bool weights, no maximum), ptx ("cold": a fresh MLX_PTX_CACHE_DIR for this process),
-# lora ("float32": mlx-lm's LoRALinear, the float32 low-rank path, instead of ours), lr, seed
+# lora ("float32": mlx-lm's LoRALinear, the float32 low-rank path, instead of ours), lr, seed,
+# head ("plain": the loss through the whole logits tensor instead of head_loss's chunks), chunk (log2 of
+# head_loss.CHUNK_ELEMENTS), tight (step 1 under a memory limit at the memory in use before it, so MLX waits
+# for running work before each new allocation: step 1's peak is then what the step needs, not what the host
+# allocated ahead of the GPU)
 VARIANTS = {
     "mlxlm cold": ("uniform", "mlxlm", {"ptx": "cold"}),
     "ahead cold": ("uniform", "ahead", {"ptx": "cold"}),
@@ -53,7 +57,7 @@ VARIANTS = {
     "ahead+clear_cache": ("uniform", "ahead", {"clear": True}),
     "ahead+limit 11 GB": ("uniform", "ahead", {"limit": 11}),
     "ahead+limit 1.25x step 1": ("uniform", "ahead", {"factor": 1.25}),
-    "ahead+limit 1.1x step 1": ("uniform", "ahead", {"factor": 1.1}),  # Trainer.bound_run_ahead's rule
+    "ahead+limit 1.1x step 1": ("uniform", "ahead", {"factor": 1.1}),
     "mixed ahead+limit 1.25x step 1": ("mixed", "ahead", {"factor": 1.25}),
     "mixed ahead+limit 1.1x step 1": ("mixed", "ahead", {"factor": 1.1}),
     "ahead+limit 1.0x step 1": ("uniform", "ahead", {"factor": 1.0}),
@@ -62,6 +66,24 @@ VARIANTS = {
     "mixed ahead+limit 1.05x step 1": ("mixed", "ahead", {"factor": 1.05}),
     "ahead+limit 1.1x step 1 (float32 LoRA path)": ("uniform", "ahead", {"factor": 1.1, "lora": "float32"}),
     "mixed ahead+limit 1.1x step 1 (float32 LoRA path)": ("mixed", "ahead", {"factor": 1.1, "lora": "float32"}),
+    "ahead+limit 1.1x step 1 (plain logits loss)": ("uniform", "ahead", {"factor": 1.1, "head": "plain"}),
+    "mixed ahead+limit 1.1x step 1 (plain logits loss)": ("mixed", "ahead", {"factor": 1.1, "head": "plain"}),
+    "ahead+limit 1.1x step 1 (chunks of 2^27)": ("uniform", "ahead", {"factor": 1.1, "chunk": 27}),
+    "mixed ahead+limit 1.1x step 1 (chunks of 2^27)": ("mixed", "ahead", {"factor": 1.1, "chunk": 27}),
+    "ahead+limit 1.3x step 1": ("uniform", "ahead", {"factor": 1.3}),
+    "mixed ahead+limit 1.3x step 1": ("mixed", "ahead", {"factor": 1.3}),
+    "ahead+limit 1.5x step 1": ("uniform", "ahead", {"factor": 1.5}),
+    "mixed ahead+limit 1.5x step 1": ("mixed", "ahead", {"factor": 1.5}),
+    "tight step 1 then 1.1x": ("uniform", "ahead", {"tight": True, "factor": 1.1}),  # the engine (Trainer.loop)
+    "tight step 1 then 1.1x (plain logits loss)": ("uniform", "ahead", {"tight": True, "factor": 1.1, "head": "plain"}),
+    "mixed tight step 1 then 1.1x": ("mixed", "ahead", {"tight": True, "factor": 1.1}),
+    "mixed tight step 1 then 1.1x (plain logits loss)": ("mixed", "ahead", {"tight": True, "factor": 1.1,
+                                                                        "head": "plain"}),
+    "tight step 1 then 1.3x": ("uniform", "ahead", {"tight": True, "factor": 1.3}),
+    "mixed tight step 1 then 1.3x": ("mixed", "ahead", {"tight": True, "factor": 1.3}),
+    "tight step 1 then 1.6x": ("uniform", "ahead", {"tight": True, "factor": 1.6}),
+    "mixed tight step 1 then 1.6x": ("mixed", "ahead", {"tight": True, "factor": 1.6}),
+    "curve lr 2e-4 (plain logits loss)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4, "head": "plain"}),
     # loss curves at a learning rate that moves them in 40 steps: bf16 vs float32 LoRA path, and a second seed
     # of the float32 path for the run-to-run spread
     "curve lr 2e-4": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4}),
@@ -85,7 +107,7 @@ def prep(a) -> None:
     make_data(argparse.Namespace(**{**vars(a), "max_len": 120 if a.small else 1000}))
 
 
-def bool_loss(model, tokens, weights, segments=None):
+def bool_loss(model, tokens, weights, segments=None, head=None):
     """loss_fn with a bool weights mask and no maximum(ntoks, 1): mlx-lm's default_loss arithmetic."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -112,6 +134,10 @@ def variant(a) -> None:
         mx.set_memory_limit(int(opts["limit"] * 1e9))
     if opts.get("loss") == "bool":
         tm.loss_fn = bool_loss
+    if opts.get("chunk"):
+        import lora_app.head_loss
+
+        lora_app.head_loss.CHUNK_ELEMENTS = 2 ** opts["chunk"]
     if opts.get("lora") == "float32":  # mlx-lm's layer for the whole process
         from mlx_lm.tuner.lora import LoRALinear
 
@@ -129,6 +155,8 @@ def variant(a) -> None:
     tr = tm.Trainer(run_dir, cfg)
     tr.started = tic
     tr.setup()
+    if opts.get("head") == "plain":
+        tr.head = None
     setup_s = time.perf_counter() - tic
     plan = tr.plan
     times: dict[str, float] = {}
@@ -143,6 +171,8 @@ def variant(a) -> None:
     tr.model.train()
     t1 = time.perf_counter()
     arrays = tm.batch_arrays(plan.batch_at(0))
+    if opts.get("tight"):
+        mx.set_memory_limit(mx.get_active_memory())
     t2 = time.perf_counter()
     loss, ntoks = step_fn(*arrays)
     t3 = time.perf_counter()

@@ -19,6 +19,7 @@ def main() -> None:
 
     from lora_app.batching import Batch
     from lora_app.config import LoraConfig, RunConfig
+    from lora_app.head_loss import find_head
     from lora_app.lora import apply_lora
     from lora_app.models import load_model
     from lora_app.trainer import Trainer, batch_arrays, build_optimizer
@@ -34,7 +35,7 @@ def main() -> None:
     apply_lora(model, LoraConfig(), seed=0)
     cfg = RunConfig()
     t = Trainer.__new__(Trainer)
-    t.model, t.cfg = model, cfg
+    t.model, t.cfg, t.head = model, cfg, find_head(model)
     t.optimizer = build_optimizer(cfg, 100)
     t.optimizer.init(model.trainable_parameters())
     step, state = t.compiled_step()

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .head_loss import CHUNK_ELEMENTS
+
 GB = 1e9
 HEAD_DIM = 64  # when the head count is unknown, assume the common head size
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -50,12 +52,14 @@ def block_activation_bytes(hidden: int, heads: int, batch: int, seq: int, dtype_
 def estimate_training_memory(info: Any, trainable_params: int, batch_size: int, max_seq_length: int,
                              grad_checkpoint: bool = False, dtype_bytes: int | None = None) -> dict[str, int]:
     """Bytes a run needs: frozen weights, LoRA weights + gradients + Adam moments (float32), activations
-    with and without gradient checkpointing (including float32 logits and their gradient), and the total."""
+    with and without gradient checkpointing (including the loss's float32 logits), and the total."""
     dtype_bytes = dtype_bytes or dtype_bytes_of(info)
     hidden, blocks = int(_get(info, "hidden_size")), int(_get(info, "num_blocks"))
     heads = int(_get(info, "num_heads")) or max(1, hidden // HEAD_DIM)
     tokens = batch_size * max_seq_length
-    logits = 2 * tokens * int(_get(info, "vocab_size")) * 4
+    # The loss goes through the LM head in chunks (head_loss.py): float32 logits and their gradient for one chunk at
+    # a time, plus the [tokens, hidden] gradient it keeps for the backward pass.
+    logits = 2 * min(tokens * int(_get(info, "vocab_size")), CHUNK_ELEMENTS) * 4 + tokens * hidden * dtype_bytes
     per_block = block_activation_bytes(hidden, heads, batch_size, max_seq_length, dtype_bytes)
     full = blocks * per_block + logits
     checkpointed = blocks * tokens * hidden * dtype_bytes + per_block + logits

@@ -24,12 +24,15 @@ from .batching import Batch, BatchPlan, eval_batches
 from .checkpoints import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .fileio import remove_temp_files
+from .head_loss import Head, cross_entropy_sum, find_head
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 
 # The memory limit set after step 1, as a multiple of step 1's peak: it bounds how far the host encodes ahead of
-# the GPU. Through the CLI on an H200 (0.5B model, uniform 8 x 512; bench/RESULTS.md): unbounded 13.2 GB; 1.1x
-# 9.2 GB at 108-122k tok/s (3 runs), below mlx-lm train()'s 9.9-10.4 GB; 1.05x 97-103k; 1.0x (no headroom) 8.6-8.8
-# GB but 65-118k, as MLX then waits on running work before most allocations.
+# the GPU. Step 1 itself runs under a limit at the memory in use before it, so its peak is what a step needs (with
+# the loss's head in chunks, less than the host would allocate ahead). In-process on an H200 (0.5B model, batch 8;
+# bench/RESULTS.md): uniform rows 7.7 GB at 1.1x (10.7 GB at 1.6x), mixed lengths 13.2 GB (17.6 GB at 1.6x), at
+# the same speed as the plain logits loss bounded from an unbounded step 1 (9.1 / 17.0 GB); mlx-lm's train() peaks
+# at 9.9-10.4 and 15.6-16.2 GB. Without any headroom (1.0x) MLX waits on running work before most allocations.
 RUN_AHEAD_MEMORY = 1.1
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
 # How MLX (Metal, CUDA, CPU malloc) and the C++ runtime word an allocation failure.
@@ -74,27 +77,37 @@ class SegmentMask:
         return keys, values
 
 
-def forward(model: Any, inputs: Any, segments: Any = None) -> Any:
-    """Logits; a packed row's sequences (segment ids) attend only to themselves, causally."""
+def forward(model: Any, inputs: Any, segments: Any = None, hidden_only: bool = False) -> Any:
+    """Logits (or with hidden_only, the last hidden states before the LM head); a packed row's sequences (segment
+    ids) attend only to themselves, causally."""
     import mlx.core as mx
 
-    if segments is None:
-        return model(inputs)
-    n = segments.shape[1]
-    causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
-    mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
-    return model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+    cache = None
+    if segments is not None:
+        n = segments.shape[1]
+        causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
+        mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+        cache = [SegmentMask(mask)] * len(model.layers)
+    return (model.model if hidden_only else model)(inputs, cache=cache)
 
 
-def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None) -> tuple[Any, Any]:
-    """Mean cross-entropy over the tokens whose weight is 1, and their count."""
+def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None, head: Head | None = None,
+            differentiable: bool = True) -> tuple[Any, Any]:
+    """Mean cross-entropy over the tokens whose weight is 1, and their count. With the model's `head`
+    (head_loss.find_head) the step never holds the whole logits tensor or its gradient; `differentiable=False`
+    (evaluation) skips the gradient that path computes in the forward pass."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    logits = forward(model, tokens[:, :-1], segments)
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
     ntoks = weights.sum()
-    return ce.astype(mx.float32).sum() / mx.maximum(ntoks, 1), ntoks
+    if head is None:
+        logits = forward(model, tokens[:, :-1], segments)
+        ce = (nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights).astype(mx.float32).sum()
+    else:
+        hidden = forward(model, tokens[:, :-1], segments, hidden_only=True)
+        ce = cross_entropy_sum(head, hidden.reshape(-1, hidden.shape[-1]), tokens[:, 1:].reshape(-1),
+                               weights.reshape(-1), differentiable)
+    return ce / mx.maximum(ntoks, 1), ntoks
 
 
 def batch_arrays(batch: Batch) -> tuple:
@@ -119,13 +132,13 @@ def build_optimizer(cfg: RunConfig, total_steps: int) -> Any:
     return optim.Adam(learning_rate=lr)
 
 
-def evaluate(model: Any, batches: list[Batch]) -> float:
+def evaluate(model: Any, batches: list[Batch], head: Head | None = None) -> float:
     """Token-weighted mean loss over the batches (the same masked tokens as training), over all processes."""
     import mlx.core as mx
 
     total, count = mx.array(0.0), mx.array(0.0)
     for batch in batches:
-        loss, ntoks = loss_fn(model, *batch_arrays(batch))
+        loss, ntoks = loss_fn(model, *batch_arrays(batch), head=head, differentiable=False)
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     total = mx.distributed.all_sum(total, stream=mx.cpu)
@@ -175,6 +188,7 @@ class Trainer:
         for note in self.data.notes:
             self.event("info", message=note)
         self.targets = apply_lora(self.model, cfg.lora, seed=cfg.train.seed)
+        self.head = find_head(self.model)
         self.num_blocks = len(blocks_of(self.model))
         self.adapter_config = adapter_config(cfg.lora, self.targets, self.num_blocks, self.base_model)
         t = cfg.train
@@ -289,7 +303,7 @@ class Trainer:
         from mlx.nn.utils import average_gradients
 
         model, optimizer, clip = self.model, self.optimizer, self.cfg.train.grad_clip
-        value_and_grad = nn.value_and_grad(model, loss_fn)
+        value_and_grad = nn.value_and_grad(model, partial(loss_fn, head=self.head))
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
@@ -347,6 +361,7 @@ class Trainer:
         upcoming = self.upload(p.step)
         mx.reset_peak_memory()  # the peak the train events report is the training's, not the loading's
         before, first_shape = mx.get_active_memory(), upcoming[0][0].shape
+        usual_limit = self.tighten_for_step_1()
         while p.step < self.total_steps:
             step = p.step + 1
             if self.cfg.lora.dropout > 0:
@@ -361,7 +376,7 @@ class Trainer:
             p.step = step
             if first_step:  # the first step includes loading and compiling: time it apart, count it apart
                 mx.eval(state, tok_sum)
-                self.bound_run_ahead(before, first_shape)
+                self.bound_run_ahead(before, first_shape, usual_limit)
                 first_tokens = int(tok_sum.item())
                 self.event("first_step", step=step, seconds=time.perf_counter() - self.started, tokens=first_tokens)
                 first_step = False
@@ -409,31 +424,41 @@ class Trainer:
         last = min(self.total_steps, (first // every + 1) * every, first + 64)
         return deque(batch_arrays(self.plan.batch_at(s)) for s in range(first, max(last, first + 1)))
 
-    def bound_run_ahead(self, before: int, first_shape: tuple) -> None:
-        """Cap the memory the host may fill by encoding work ahead of the GPU (call right after step 1).
-
-        MLX allocates a kernel's buffers when the host encodes it and frees them only once the GPU has run it. The
-        host encodes a whole step in a few ms while the GPU needs ~35 ms for it, so the buffers of most of a step
-        (and with async_eval, of the next one) are held at once: on an H100 (0.5B model, 8 x 512) step 1, which
-        the host encodes at the GPU's pace, peaked at 8.7 GB, later steps at 14.8 GB (13.9 GB even with a sync
-        after every step). MLX's scheduler waits for running work before encoding more once active memory
-        passes the memory limit, so a limit a little above step 1's peak bounds this. It costs some speed: on an
-        H200 (uniform 8 x 512 rows) the CLI ran at 113-125k tokens/s at 9.3 GB, against 148k at 14.4 GB without
-        the bound, and mlx-lm's trainer at 58-84k at 9.9-10.4 GB (bench/RESULTS.md). The part above the weights
-        is scaled to the largest batch shape of the plan (padded batches grow). A user-set memory_limit_gb is
-        left as it is: that is how a user trades memory for the unbounded speed.
-        """
+    def tighten_for_step_1(self) -> int | None:
+        """On a GPU without a user-set limit, set MLX's memory limit to the memory in use now and return the limit
+        it replaces; else None. Under it MLX waits for running work before each new allocation, so step 1's peak
+        is what a step needs, not what the host allocated ahead of the GPU: on an H200 the chunked head loss
+        needs 6.9 GB (uniform 8 x 512) and 11.9 GB (packed 8 x 1024), while an unbounded step 1 peaked at 8.5 and
+        15.0 GB (bench/RESULTS.md). Step 1 is slower for it, a fraction of its compile time."""
         import mlx.core as mx
 
         if self.cfg.train.memory_limit_gb or mx.default_device().type == mx.cpu:
-            return  # measured and needed on GPUs; on the CPU, system memory is the limit already
+            return None  # a user's limit stays as set; on the CPU, system memory is the limit already
+        return mx.set_memory_limit(mx.get_active_memory())
+
+    def bound_run_ahead(self, before: int, first_shape: tuple, usual_limit: int | None) -> None:
+        """Cap the memory the host may fill by encoding work ahead of the GPU (call right after step 1, with
+        tighten_for_step_1's result).
+
+        MLX allocates a kernel's buffers when the host encodes it and frees them only once the GPU has run it. The
+        host encodes a whole step in a few ms while the GPU needs ~35 ms for it, so unbounded, the buffers of most
+        of a step (and with async_eval, of the next one) are held at once: on an H100 (0.5B model, 8 x 512) 14.8
+        GB against the 8.7 GB a step needs. MLX's scheduler waits for running work before encoding more once
+        active memory passes the memory limit, so a limit a little above step 1's peak bounds this. It costs some
+        speed: on an H200 (uniform 8 x 512 rows) the CLI ran at 113-125k tokens/s bounded, against 148k without
+        the bound, and mlx-lm's trainer at 58-84k (bench/RESULTS.md). The part above the weights is scaled to the
+        largest batch shape of the plan (padded batches grow). A user-set memory_limit_gb is left as it is: that
+        is how a user trades memory for the unbounded speed.
+        """
+        import mlx.core as mx
+
+        if usual_limit is None:
+            return
         rows, width = first_shape  # tokens of step 1: [rows, T + 1]
         biggest = (self.plan.batch_size // self.size) * (self.plan.row_length() + 1)
         grow = max(biggest / max(rows * width, 1), 1.0)
         want = int(before + (mx.get_peak_memory() * RUN_AHEAD_MEMORY - before) * grow)
-        previous = mx.set_memory_limit(want)
-        if previous < want:  # never raise a limit that was lower already
-            mx.set_memory_limit(previous)
+        mx.set_memory_limit(min(want, usual_limit))  # never above the limit that was there before step 1
 
     def check_finite(self, losses: list[tuple[int, Any]]) -> None:
         import mlx.core as mx
@@ -468,7 +493,7 @@ class Trainer:
 
     def validate(self, step: int) -> None:
         self.model.eval()
-        val_loss = evaluate(self.model, self.val)
+        val_loss = evaluate(self.model, self.val, self.head)
         self.model.train()
         self.event("val", step=step, val_loss=val_loss)
         self.log(f"step {step} validation loss {val_loss:.4f}")

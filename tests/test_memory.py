@@ -18,14 +18,24 @@ INFO = {"total_params": 1000, "num_blocks": 2, "hidden_size": 64, "vocab_size": 
 def test_estimate_components_by_hand() -> None:
     est = estimate_training_memory(INFO, trainable_params=500, batch_size=2, max_seq_length=32)
     per_block = 32 * 2 * 64 * (34 + 5 * 4 * 32 / 64) * 4 / 2  # s·b·h·(34 + 5as/h), scaled to 4-byte floats
-    logits = 2 * (2 * 32) * 100 * 4  # float32 logits and their gradient
+    # float32 logits and their gradient (all 64 tokens fit one chunk), and the hidden states' gradient
+    logits = 2 * (2 * 32) * 100 * 4 + (2 * 32) * 64 * 4
     assert est["weights"] == 1000 * 4
     assert est["lora_optimizer"] == 500 * 4 * 4  # weights, gradients, Adam m and v
-    assert est["activations_full"] == 2 * per_block + logits == 772096
-    assert est["activations_checkpointed"] == 2 * (2 * 32 * 64 * 4) + per_block + logits == 444416
-    assert est["total"] == 4000 + 8000 + 772096
+    assert est["activations_full"] == 2 * per_block + logits == 788480
+    assert est["activations_checkpointed"] == 2 * (2 * 32 * 64 * 4) + per_block + logits == 460800
+    assert est["total"] == 4000 + 8000 + 788480
     ckpt = estimate_training_memory(INFO, 500, 2, 32, grad_checkpoint=True)
-    assert ckpt["activations"] == 444416 and ckpt["total"] == 4000 + 8000 + 444416
+    assert ckpt["activations"] == 460800 and ckpt["total"] == 4000 + 8000 + 460800
+
+
+def test_estimate_counts_one_chunk_of_a_large_vocabulary() -> None:
+    """Qwen2's 151,936 words at 8 x 1024 tokens: the loss holds one chunk of float32 logits (and its gradient),
+    not all 8192 rows (10 GB)."""
+    from lora_app.head_loss import CHUNK_ELEMENTS
+
+    large, small = (estimate_training_memory({**INFO, "vocab_size": v}, 0, 8, 1024) for v in (151936, 100))
+    assert large["activations"] - small["activations"] == 2 * 4 * (CHUNK_ELEMENTS - 8 * 1024 * 100)
 
 
 def test_quantized_weights_and_defaults() -> None:

@@ -1,0 +1,61 @@
+"""On a GPU the loop runs step 1 under a memory limit at the memory in use (so its peak is what a step needs, not
+what the host allocated ahead of the GPU), then bounds the run-ahead at RUN_AHEAD_MEMORY x that peak, never above
+the limit there was before; a user's memory_limit_gb is left alone. MLX's memory limit works the same on the CPU,
+so these run the real loop here with the device reported as a GPU."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import lora_app.trainer as trainer_module
+from lora_app.config import RunConfig
+from lora_app.runs import read_events
+from lora_app.trainer import Trainer
+
+
+def train_as_on_a_gpu(model: Path, data: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                      **overrides: object) -> tuple[list[int], list[float], int]:
+    """The limits the loop set, the losses it reported, and the limit left at the end."""
+    cfg = RunConfig.from_flat({"model": str(model), "data": str(data), "batch_size": 2, "max_seq_length": 64,
+                               "iters": 6, "steps_per_report": 1, "steps_per_eval": 0, "save_every": 10**6,
+                               **overrides})
+    run_dir.mkdir()
+    process_limit = mx.get_memory_limit()  # put back at the end: the limit is process-wide
+    tr = Trainer(run_dir, cfg)
+    tr.setup()
+    limits: list[int] = []
+    real_set = mx.set_memory_limit
+    with monkeypatch.context() as patch:
+        patch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+        patch.setattr(mx, "set_memory_limit", lambda n: (limits.append(n), real_set(n))[1])
+        tr.started = time.perf_counter()
+        try:
+            tr.loop()
+        finally:
+            left = real_set(process_limit)
+    losses = [e["loss"] for e in read_events(run_dir) if e["event"] == "train"]
+    return limits, losses, left
+
+
+def test_step_1_runs_tight_then_the_bound_leaves_headroom(tiny_model, text_data, tmp_path, monkeypatch) -> None:
+    original = mx.get_memory_limit()
+    limits, losses, left = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "gpu", monkeypatch)
+    assert len(limits) == 2, limits
+    tight, bound = limits
+    assert tight < bound <= original  # the headroom over step 1's peak, capped by the limit there was before
+    assert left == bound
+    # the limits change when work runs, not what it computes
+    monkeypatch.setattr(trainer_module, "RUN_AHEAD_MEMORY", 1e6)
+    limits_huge, same_losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "huge", monkeypatch)
+    assert limits_huge[1] == original  # never raised above the limit there was before step 1
+    assert same_losses == losses and len(losses) == 6
+
+
+def test_a_user_set_limit_is_left_alone(tiny_model, text_data, tmp_path, monkeypatch) -> None:
+    limits, losses, left = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "user", monkeypatch,
+                                             memory_limit_gb=3.5)
+    assert limits == [] and left == int(3.5e9) and len(losses) == 6
