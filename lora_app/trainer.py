@@ -27,13 +27,16 @@ from .fileio import remove_temp_files
 from .head_loss import Head, cross_entropy_sum, find_head
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 
-# The memory limit set after step 1, as a multiple of step 1's peak: it bounds how far the host encodes ahead of
-# the GPU. Step 1 itself runs under a limit at the memory in use before it, so its peak is what a step needs (with
-# the loss's head in chunks, less than the host would allocate ahead). In-process on an H200 (0.5B model, batch 8;
-# bench/RESULTS.md): uniform rows 7.7 GB at 1.1x (10.7 GB at 1.6x), mixed lengths 13.2 GB (17.6 GB at 1.6x), at
-# the same speed as the plain logits loss bounded from an unbounded step 1 (9.1 / 17.0 GB); mlx-lm's train() peaks
-# at 9.9-10.4 and 15.6-16.2 GB. Without any headroom (1.0x) MLX waits on running work before most allocations.
+# The memory limit set after step 1 bounds how far the host encodes ahead of the GPU: step 1's peak plus a headroom
+# of RUN_AHEAD_MEMORY - 1 times that peak, and at least RUN_AHEAD_MIN_HEADROOM bytes. Step 1 itself runs under a
+# limit at the memory in use before it, so its peak is what a step needs (with the loss's head in chunks, less than
+# the host would allocate ahead). On an H200 (0.5B model, batch 8; bench/RESULTS.md) speed followed the absolute
+# headroom: uniform rows through the CLI ran at 65-118k tokens/s with none, 96-103k with 0.4 GB, 108-122k with
+# 0.8 GB, 148k unbounded (6 GB); 1.1x alone left the chunked step 0.7 GB there (7.85 GB, 90k tokens/s, against
+# 106k for the previous engine at 9.15 GB in the same rounds). mlx-lm's train() peaks at 9.9-10.4 GB on those rows
+# and 15.6-16.2 GB on mixed lengths, where this engine's step needs ~12.3 GB.
 RUN_AHEAD_MEMORY = 1.1
+RUN_AHEAD_MIN_HEADROOM = 2e9
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
 # How MLX (Metal, CUDA, CPU malloc) and the C++ runtime word an allocation failure.
 OOM_MARKS = ("out of memory", "outofmemory", "insufficient memory", "unable to allocate", "attempting to allocate",
@@ -444,10 +447,10 @@ class Trainer:
         host encodes a whole step in a few ms while the GPU needs ~35 ms for it, so unbounded, the buffers of most
         of a step (and with async_eval, of the next one) are held at once: on an H100 (0.5B model, 8 x 512) 14.8
         GB against the 8.7 GB a step needs. MLX's scheduler waits for running work before encoding more once
-        active memory passes the memory limit, so a limit a little above step 1's peak bounds this. It costs some
-        speed: on an H200 (uniform 8 x 512 rows) the CLI ran at 113-125k tokens/s bounded, against 148k without
-        the bound, and mlx-lm's trainer at 58-84k (bench/RESULTS.md). The part above the weights is scaled to the
-        largest batch shape of the plan (padded batches grow). A user-set memory_limit_gb is left as it is: that
+        active memory passes the memory limit, so a limit at step 1's peak plus a headroom (RUN_AHEAD_MEMORY)
+        bounds this. Too little headroom costs speed: the host then waits for the GPU before most allocations
+        and the GPU for the host after. The part above the weights is scaled to the largest batch shape of the
+        plan (padded batches grow). A user-set memory_limit_gb is left as it is: that
         is how a user trades memory for the unbounded speed.
         """
         import mlx.core as mx
@@ -457,7 +460,9 @@ class Trainer:
         rows, width = first_shape  # tokens of step 1: [rows, T + 1]
         biggest = (self.plan.batch_size // self.size) * (self.plan.row_length() + 1)
         grow = max(biggest / max(rows * width, 1), 1.0)
-        want = int(before + (mx.get_peak_memory() * RUN_AHEAD_MEMORY - before) * grow)
+        peak = mx.get_peak_memory()
+        headroom = max(peak * (RUN_AHEAD_MEMORY - 1), RUN_AHEAD_MIN_HEADROOM)
+        want = int(before + (peak - before + headroom) * grow)
         mx.set_memory_limit(min(want, usual_limit))  # never above the limit that was there before step 1
 
     def check_finite(self, losses: list[tuple[int, Any]]) -> None:

@@ -85,8 +85,8 @@ def test_evaluation_takes_the_chunks_without_their_gradients(tiny_model, monkeyp
 def test_the_chunks_run_one_after_another(monkeypatch):
     """Under a memory limit (MLX then lets running work finish before allocating more) the chunked loss and its
     gradient hold one chunk's logits at a time: a fraction of what the plain loss holds."""
-    vocab, width, tokens = 32000, 64, 2048
-    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 128 * vocab)  # 16 chunks of 16 MB of float32 logits
+    vocab, width, tokens = 32000, 64, 1024
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 64 * vocab)  # 16 chunks of 8 MB of float32 logits
     weight = mx.random.normal((vocab, width), key=mx.random.key(0)) * 0.02
     hidden = mx.random.normal((tokens, width), key=mx.random.key(1))
     targets, weights = mx.random.randint(0, vocab, (tokens,), key=mx.random.key(2)), mx.ones((tokens,))

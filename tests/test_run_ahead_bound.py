@@ -1,5 +1,5 @@
 """On a GPU the loop runs step 1 under a memory limit at the memory in use (so its peak is what a step needs, not
-what the host allocated ahead of the GPU), then bounds the run-ahead at RUN_AHEAD_MEMORY x that peak, never above
+what the host allocated ahead of the GPU), then bounds the run-ahead at that peak plus a headroom, never above
 the limit there was before; a user's memory_limit_gb is left alone. MLX's memory limit works the same on the CPU,
 so these run the real loop here with the device reported as a GPU."""
 
