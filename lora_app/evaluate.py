@@ -53,10 +53,11 @@ def test_loss(model: nn.Module, tokenizer: Any, rows: list[list[dict[str, str]]]
     """Mean cross-entropy over the assistant tokens: the masking and batching the trainer validates with."""
     from .batching import eval_batches
     from .data import tokenize_chat
+    from .head_loss import find_head
     from .trainer import evaluate
 
     examples = [tokenize_chat(messages, tokenizer, mask_prompt=True) for messages in rows]
-    return evaluate(model, eval_batches(examples, LOSS_BATCH, max(len(t) for t, _ in examples)))
+    return evaluate(model, eval_batches(examples, LOSS_BATCH, max(len(t) for t, _ in examples)), find_head(model))
 
 
 def evaluate_task(

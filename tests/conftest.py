@@ -15,6 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def mlx_memory_limit_restored():
+    """A Trainer run in-process sets MLX's process-wide memory limit (memory_limit_gb, the run-ahead bound): put
+    it back after each test, or a test's tiny limit would make later tests wait on every allocation."""
+    import mlx.core as mx
+
+    limit = mx.get_memory_limit()
+    yield
+    mx.set_memory_limit(limit)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
