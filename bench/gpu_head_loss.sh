@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The GPU calls behind bench/RESULTS.md's "loss through the LM head in ordered chunks" section. Run on the lent GPU
 # machine after the first call of ../shared/tools/device-mlx-cuda.md parked half the MLX wheel in /tmp:
-#     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh memory      # a fresh machine: set-up, data, part 1
-#     bash bench/gpu_head_loss.sh loops                                   # the same machine, still warm
+#     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh memory      # a fresh machine
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh tight       # a fresh machine
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh final       # a fresh machine: the engine as landed
 # Each step has its own time limit and its output lands under $OUT (or /tmp/gpu_session) as soon as it ends, so a
@@ -12,7 +11,7 @@ mkdir -p "$out"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=/tmp/gpu_bench/ptx_session
 variants() {
     for v in "$@"; do
-        timeout 80 python3 bench/gpu_memory.py --variant "$v" 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loop.txt"
+        timeout 120 python3 bench/gpu_memory.py --variant "$v" 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loop.txt"
     done
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/card.txt"
@@ -20,11 +19,9 @@ date -u | tee -a "$out/card.txt"
 case "$1" in
 tight)  # step 1 under a memory limit (its peak is then what the step needs), the loop at factors of that
     timeout 90 python3 bench/gpu_memory.py --prep
-    for v in "tight step 1 then 1.1x" "tight step 1 then 1.1x (plain logits loss)" "mixed tight step 1 then 1.1x" \
+    variants "tight step 1 then 1.1x" "tight step 1 then 1.1x (plain logits loss)" "mixed tight step 1 then 1.1x" \
              "mixed tight step 1 then 1.1x (plain logits loss)" "tight step 1 then 1.3x" "mixed tight step 1 then 1.3x" \
-             "tight step 1 then 1.6x" "mixed tight step 1 then 1.6x"; do
-        timeout 120 python3 bench/gpu_memory.py --variant "$v" 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loop.txt"
-    done ;;
+             "tight step 1 then 1.6x" "mixed tight step 1 then 1.6x" ;;
 memory)  # step 1's peak and the bounded loop, the chunked loss (the engine) against the plain logits loss
     timeout 90 python3 bench/gpu_memory.py --prep
     variants "ahead+limit 1.1x step 1" "ahead+limit 1.1x step 1 (plain logits loss)" \
@@ -32,11 +29,6 @@ memory)  # step 1's peak and the bounded loop, the chunked loss (the engine) aga
              "ahead+limit 1.5x step 1" "mixed ahead+limit 1.5x step 1"
     timeout 150 python3 bench/gpu_bench.py --part ours_loop --loop-data uniform,mixed 2>&1 \
         | grep -E "^RESULT|Error" | tee -a "$out/loops.txt" ;;
-loops)  # mlx-lm's train() for reference, the loss curves, the chunk size
-    timeout 150 python3 bench/gpu_bench.py --part mlx_lm_train 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loops.txt"
-    variants "curve lr 2e-4" "curve lr 2e-4 (plain logits loss)" \
-             "ahead+limit 1.1x step 1 (chunks of 2^27)" "mixed ahead+limit 1.1x step 1 (chunks of 2^27)" \
-             "ahead+limit 1.3x step 1" "mixed ahead+limit 1.3x step 1" ;;
 final)  # the engine (chunked head loss, tight step 1, 1.1x) through the CLI against mlx-lm's train(), and curves
     timeout 90 python3 bench/gpu_memory.py --prep
     timeout 170 python3 bench/gpu_bench.py --part ours_loop 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loops.txt"

@@ -75,7 +75,7 @@ def cross_entropy_sum(head: Head, hidden: Any, targets: Any, weights: Any, diffe
     starts = range(0, hidden.shape[0], chunk)
 
     def pieces(hidden: Any, targets: Any, weights: Any):
-        """Each chunk's (hidden states, targets, weights, logits, lse, loss), chunk k+1 after chunk k's work."""
+        """Each chunk's [loss] (and d loss / d its hidden states when differentiable); chunk k+1 waits for them."""
         done: list[Any] = []
         for start in starts:
             h, t, w = hidden[start:start + chunk], targets[start:start + chunk], weights[start:start + chunk]

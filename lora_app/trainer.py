@@ -450,8 +450,8 @@ class Trainer:
         active memory passes the memory limit, so a limit at step 1's peak plus a headroom (RUN_AHEAD_MEMORY)
         bounds this. Too little headroom costs speed: the host then waits for the GPU before most allocations
         and the GPU for the host after. The part above the weights is scaled to the largest batch shape of the
-        plan (padded batches grow). A user-set memory_limit_gb is left as it is: that
-        is how a user trades memory for the unbounded speed.
+        plan (padded batches grow). A user-set memory_limit_gb is left as it is: that is how a user trades memory
+        for the unbounded speed.
         """
         import mlx.core as mx
 
