@@ -3,7 +3,10 @@
 # machine after the first call of ../shared/tools/device-mlx-cuda.md parked half the MLX wheel in /tmp:
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh memory      # a fresh machine
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh tight       # a fresh machine
-#     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh final       # a fresh machine: the engine as landed
+#     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh final       # a fresh machine: the engine of dbcf149
+#     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh pairs       # carry [".device/b", ".device/old"]
+# where .device/old holds the engine to compare with, made here by
+#     mkdir -p .device/old && git archive 5e73e6c lora_app | tar -x -C .device/old
 # Each step has its own time limit and its output lands under $OUT (or /tmp/gpu_session) as soon as it ends, so a
 # call cut short still returns what finished. One kernel cache for all steps.
 out=${OUT:-/tmp/gpu_session}
@@ -36,5 +39,9 @@ final)  # the engine (chunked head loss, tight step 1, 1.1x) through the CLI aga
     timeout 100 python3 bench/gpu_bench.py --part ours_loop --loop-data uniform 2>&1 | grep -E "^RESULT|Error" \
         | tee -a "$out/loops.txt"
     variants "curve lr 2e-4" "curve lr 2e-4 (plain logits loss)" ;;
+pairs)  # this checkout's engine against .device/old's, alternating through the CLI (bench/engine_pairs.py)
+    timeout 90 python3 bench/gpu_memory.py --prep
+    timeout 420 python3 bench/engine_pairs.py --engines new=.,old=.device/old --rounds 3 2>&1 | grep -v Warning \
+        | tee -a "$out/pairs.txt" ;;
 esac
 date -u | tee -a "$out/card.txt"
