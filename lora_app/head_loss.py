@@ -77,13 +77,14 @@ def cross_entropy_sum(head: Head, hidden: Any, targets: Any, weights: Any, diffe
     def pieces(hidden: Any, targets: Any, weights: Any):
         """Each chunk's [loss] (and d loss / d its hidden states when differentiable); chunk k+1 waits for them."""
         done: list[Any] = []
+        words = mx.arange(head.vocab)
         for start in starts:
             h, t, w = hidden[start:start + chunk], targets[start:start + chunk], weights[start:start + chunk]
             h = mx.depends(h, done) if done else h
             logits, lse, loss = chunk_loss(head, h, t, w)
             done = [loss]
             if differentiable:
-                d_logits = (mx.exp(logits - lse) - (mx.arange(head.vocab) == t[:, None])) * w[:, None]
+                d_logits = (mx.exp(logits - lse) - (words == t[:, None])) * w[:, None]
                 done.append(mx.vjp(head.apply, [h], [d_logits.astype(h.dtype)])[1][0])
             yield done
 
