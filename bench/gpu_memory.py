@@ -78,10 +78,10 @@ VARIANTS = {
     "mixed tight step 1 then 1.3x": ("mixed", "ahead", {"tight": True, "factor": 1.3}),
     "tight step 1 then 1.6x": ("uniform", "ahead", {"tight": True, "factor": 1.6}),
     "mixed tight step 1 then 1.6x": ("mixed", "ahead", {"tight": True, "factor": 1.6}),
-    "curve lr 2e-4 (plain logits loss)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4, "head": "plain"}),
-    # loss curves at a learning rate that moves them in 40 steps: bf16 vs float32 LoRA path, and a second seed
-    # of the float32 path for the run-to-run spread
+    # loss curves at a learning rate that moves them in 40 steps: bf16 vs float32 LoRA path, chunked vs plain
+    # logits loss, and a second seed of the float32 path for the run-to-run spread
     "curve lr 2e-4": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4}),
+    "curve lr 2e-4 (plain logits loss)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4, "head": "plain"}),
     "curve lr 2e-4 (float32 LoRA path)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4, "lora": "float32"}),
     "curve lr 2e-4 (float32 LoRA path; seed 1)": ("uniform", "ahead", {"factor": 1.1, "lr": 2e-4,
                                                                        "lora": "float32", "seed": 1}),
