@@ -13,7 +13,6 @@ tokens/s = trained tokens after step 1 / time from step 1 to the last report; pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu_bench import steady_tokens_per_second  # noqa: E402
+
+from lora_app.runs import read_events  # noqa: E402
 
 
 def run(engine: Path, data: str, a, out: Path) -> dict:
@@ -33,11 +38,9 @@ def run(engine: Path, data: str, a, out: Path) -> dict:
            "--out", str(run_dir)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(engine), os.environ.get("PYTHONPATH")]))}
     subprocess.run(cmd, cwd=engine, env=env, check=True, timeout=a.timeout, stdout=subprocess.DEVNULL)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = read_events(run_dir)
     train = [e for e in events if e["event"] == "train"]
-    first = next(e for e in events if e["event"] == "first_step")
-    tokens = train[-1]["trained_tokens"] - first.get("tokens", 0)
-    return {"tok_s": tokens / (train[-1]["time"] - first["time"]), "peak_gb": max(e["peak_memory_gb"] for e in train),
+    return {"tok_s": steady_tokens_per_second(events), "peak_gb": max(e["peak_memory_gb"] for e in train),
             "loss": train[-1]["loss"]}
 
 

@@ -361,7 +361,7 @@ def part_ours_loop(a) -> None:
             running = next(e for e in ev if e["event"] == "status" and e["status"] == "running")
             wall = train[-1]["time"] - running["time"]  # like mlx-lm's train(): model and data already loaded
             total = train[-1]["trained_tokens"]
-            after = (total - first.get("tokens", 0)) / max(train[-1]["time"] - first["time"], 1e-9)
+            after = steady_tokens_per_second(ev)
             factor = "" if a.run_ahead is None else f", run-ahead {a.run_ahead}x"
             modules = f", modules {a.modules}" if a.modules else ""
             emit(part="ours_loop", name=f"{name} {mode}{factor}{modules}", iters=iters, wall_s=wall, tokens=total,
@@ -370,6 +370,13 @@ def part_ours_loop(a) -> None:
                  process_wall_s=process_wall,
                  tok_s_reports=[round(e["tokens_per_second"]) for e in train],
                  peak_gb=max(e["peak_memory_gb"] for e in train))
+
+
+def steady_tokens_per_second(events: list[dict]) -> float:
+    """A CLI run's trained tokens after step 1 / the time from step 1 to its last report (its events.jsonl)."""
+    train = [e for e in events if e["event"] == "train"]
+    first = next(e for e in events if e["event"] == "first_step")
+    return (train[-1]["trained_tokens"] - first.get("tokens", 0)) / max(train[-1]["time"] - first["time"], 1e-9)
 
 
 def engine_command(run_ahead: float | None) -> list[str]:

@@ -59,8 +59,11 @@ def live_run(run_dir: Path, total: int, every: float, stop: threading.Event, ear
     runs.append_event(run_dir, "first_step", tokens=1000, seconds=2.0)
     runs.append_event(run_dir, "status", status="running", total_steps=total)
 
+    def loss_at(step: int) -> float:
+        return 3 / (1 + step / 100)
+
     def train_event(step: int) -> None:
-        runs.append_event(run_dir, "train", step=step, loss=3 / (1 + step / 100), learning_rate=1e-4,
+        runs.append_event(run_dir, "train", step=step, loss=loss_at(step), learning_rate=1e-4,
                           tokens_per_second=5000.0, trained_tokens=1000 * step, peak_memory_gb=0.1)
 
     for step in range(10, 10 * earlier + 1, 10):
@@ -72,7 +75,7 @@ def live_run(run_dir: Path, total: int, every: float, stop: threading.Event, ear
             step += 10
             train_event(step)
             with open(run_dir / "train.log", "a", encoding="utf-8") as f:
-                f.write(f"step {step} loss {3 / (1 + step / 100):.4f}\n")
+                f.write(f"step {step} loss {loss_at(step):.4f}\n")
 
     threading.Thread(target=report, daemon=True).start()
     return alive
