@@ -6,6 +6,12 @@ again. The head is frozen, so all the loss needs from it is d loss / d hidden = 
 per token. This computes that chunk by chunk together with the loss, and the backward pass only scales the stored
 [tokens, hidden] gradient: the same matmul FLOPs as the plain loss, nothing recomputed.
 
+On a GPU the logits stay in the model's dtype and each chunk's loss comes from MLX's fused cross-entropy kernel
+(float32 accumulation), as in the plain loss (mlx.nn.losses.cross_entropy) and mlx-lm's. A float32 copy of each
+chunk wrote and read twice the bytes: on an H200 (0.5B Qwen2, 8 x 512) the chunked step was then 13% slower than
+the plain one at the same memory limit, and a bfloat16 log-sum-exp shifted the loss (bench/RESULTS.md). MLX's CPU
+kernels reduce in the logits' dtype, so on the CPU the chunks are float32, as MLX's documentation advises.
+
 The chunks must run one after another. MLX runs a graph in any order its dependencies allow: without an edge
 between chunks it made every chunk's logits before the first gradient, and on an H200 the step's peak went up,
 not down (bench/RESULTS.md, commit fc04520). `mx.depends` makes chunk k+1's hidden states wait for chunk k's loss
@@ -21,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# Logits elements per chunk: 441 tokens of a 151,936-word vocabulary (256 MB in float32); one chunk for small ones.
-CHUNK_ELEMENTS = 2**26
+# Bytes of logits per chunk: 883 tokens of a 151,936-word vocabulary in bfloat16 (441 in float32); one chunk for
+# small ones.
+CHUNK_BYTES = 2**28
 
 
 @dataclass
@@ -55,23 +62,33 @@ def find_head(model: Any) -> Head | None:
     return Head(head, logits.shape[-1]) if same else None
 
 
-def chunk_loss(head: Head, h: Any, t: Any, w: Any) -> tuple[Any, Any, Any]:
-    """One chunk's float32 logits, their log-sum-exp and the chunk's weighted cross-entropy sum."""
+def logits_dtype(hidden_dtype: Any) -> Any:
     import mlx.core as mx
 
-    logits = head.apply(h).astype(mx.float32)
-    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, t[:, None], axis=-1)
-    return logits, lse, ((lse - picked)[:, 0] * w).sum()
+    return mx.float32 if mx.default_device().type == mx.cpu else hidden_dtype
+
+
+def tokens_per_chunk(vocab: int, dtype: Any) -> int:
+    return max(1, CHUNK_BYTES // (vocab * dtype.size))
+
+
+def chunk_loss(head: Head, h: Any, t: Any, w: Any) -> tuple[Any, Any, Any]:
+    """One chunk's logits, their float32 log-sum-exp and the chunk's weighted cross-entropy sum (float32)."""
+    import mlx.core as mx
+
+    logits = head.apply(h).astype(logits_dtype(h.dtype))
+    losses = mx.fast.cross_entropy(logits, t)  # log-sum-exp - the target's logit, per token, in float32
+    lse = losses + mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    return logits, lse[:, None], (losses * w).sum()
 
 
 def cross_entropy_sum(head: Head, hidden: Any, targets: Any, weights: Any, differentiable: bool = True) -> Any:
-    """Sum over tokens of weight x cross-entropy(head(hidden), target), in float32. hidden [tokens, hidden],
+    """Sum over tokens of weight x cross-entropy(head(hidden), target), summed in float32. hidden [tokens, hidden],
     targets and weights [tokens]; differentiable with respect to hidden (or, for evaluation, not: then no chunk
     computes a gradient)."""
     import mlx.core as mx
 
-    chunk = max(1, CHUNK_ELEMENTS // head.vocab)
+    chunk = tokens_per_chunk(head.vocab, logits_dtype(hidden.dtype))
     starts = range(0, hidden.shape[0], chunk)
 
     def pieces(hidden: Any, targets: Any, weights: Any):

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .head_loss import CHUNK_ELEMENTS
+from .head_loss import CHUNK_BYTES
 
 GB = 1e9
 HEAD_DIM = 64  # when the head count is unknown, assume the common head size
@@ -57,9 +57,9 @@ def estimate_training_memory(info: Any, trainable_params: int, batch_size: int, 
     hidden, blocks = int(_get(info, "hidden_size")), int(_get(info, "num_blocks"))
     heads = int(_get(info, "num_heads")) or max(1, hidden // HEAD_DIM)
     tokens = batch_size * max_seq_length
-    # The loss goes through the LM head in chunks (head_loss.py): float32 logits and their gradient for one chunk at
-    # a time, plus the [tokens, hidden] gradient it keeps for the backward pass.
-    logits = 2 * min(tokens * int(_get(info, "vocab_size")), CHUNK_ELEMENTS) * 4 + tokens * hidden * dtype_bytes
+    # The loss goes through the LM head in chunks (head_loss.py): the logits and their gradient for one chunk at a
+    # time, plus the [tokens, hidden] gradient it keeps for the backward pass.
+    logits = 2 * min(tokens * int(_get(info, "vocab_size")) * dtype_bytes, CHUNK_BYTES) + tokens * hidden * dtype_bytes
     per_block = block_activation_bytes(hidden, heads, batch_size, max_seq_length, dtype_bytes)
     full = blocks * per_block + logits
     checkpointed = blocks * tokens * hidden * dtype_bytes + per_block + logits

@@ -30,12 +30,13 @@ def test_estimate_components_by_hand() -> None:
 
 
 def test_estimate_counts_one_chunk_of_a_large_vocabulary() -> None:
-    """Qwen2's 151,936 words at 8 x 1024 tokens: the loss holds one chunk of float32 logits (and its gradient),
-    not all 8192 rows (10 GB)."""
-    from lora_app.head_loss import CHUNK_ELEMENTS
+    """Qwen2's 151,936 words at 8 x 1024 tokens: the loss holds one chunk of logits (and its gradient), not all
+    8192 rows (2.5 GB in bfloat16)."""
+    from lora_app.head_loss import CHUNK_BYTES
 
-    large, small = (estimate_training_memory({**INFO, "vocab_size": v}, 0, 8, 1024) for v in (151936, 100))
-    assert large["activations"] - small["activations"] == 2 * 4 * (CHUNK_ELEMENTS - 8 * 1024 * 100)
+    info = {**INFO, "dtype": "bfloat16"}
+    large, small = (estimate_training_memory({**info, "vocab_size": v}, 0, 8, 1024) for v in (151936, 100))
+    assert large["activations"] - small["activations"] == 2 * (CHUNK_BYTES - 8 * 1024 * 100 * 2)
 
 
 def test_quantized_weights_and_defaults() -> None:
