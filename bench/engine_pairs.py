@@ -1,6 +1,9 @@
 """Two versions of the engine through the CLI on one machine, alternating run by run (issue 8).
 
     python3 bench/engine_pairs.py --engines new=.,old=/path/to/old/checkout --data uniform,mixed --rounds 3
+    python3 bench/engine_pairs.py --engines "bound=.,free=.+--memory-limit-gb=100" --data uniform
+
+An engine is name=folder, optionally followed by +-separated extra CLI arguments for its runs.
 
 On the H200 the same run drifts between a fast and a slow regime for seconds at a time (bench/RESULTS.md), so
 two engines measured in separate calls cannot be told apart by 5-10%. Here each round runs every engine on every
@@ -29,13 +32,13 @@ from gpu_bench import steady_tokens_per_second  # noqa: E402
 from lora_app.runs import read_events  # noqa: E402
 
 
-def run(engine: Path, data: str, a, out: Path) -> dict:
+def run(engine: Path, extra: list[str], data: str, a, out: Path) -> dict:
     run_dir = out / f"{engine.name or 'engine'}-{data}-{time.time_ns()}"
     cmd = [sys.executable, "-m", "lora_app", "train", "--model", f"{a.work}/model", "--data", f"{a.work}/{data}",
            "--batch-size", "8", "--iters", str(a.iters[data]), "--rank", "8", "--alpha", "16",
            "--learning-rate", "1e-5", "--max-seq-length", "1024", "--batching", "packed",
            "--steps-per-report", "10", "--steps-per-eval", "0", "--save-every", str(a.iters[data]),
-           "--out", str(run_dir)]
+           "--out", str(run_dir), *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(engine), os.environ.get("PYTHONPATH")]))}
     subprocess.run(cmd, cwd=engine, env=env, check=True, timeout=a.timeout, stdout=subprocess.DEVNULL)
     events = read_events(run_dir)
@@ -55,13 +58,17 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=150, help="seconds per run")
     a = ap.parse_args()
     a.iters = {"uniform": a.uniform_iters, "mixed": a.mixed_iters}
-    engines = {name: Path(folder).resolve() for name, folder in (e.split("=", 1) for e in a.engines.split(","))}
+    engines = {}
+    for spec in a.engines.split(","):
+        name, rest = spec.split("=", 1)
+        folder, *extra = rest.split("+")
+        engines[name] = (Path(folder).resolve(), extra)
     out = Path(a.work) / "engine_pairs"
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(a.rounds):
         for data in a.data.split(","):
-            for name, folder in engines.items():
-                res = run(folder, data, a, out)
+            for name, (folder, extra) in engines.items():
+                res = run(folder, extra, data, a, out)
                 results.setdefault((name, data), []).append(res)
                 print(f"round {r + 1} {data} {name}: {res['tok_s']:,.0f} tokens/s, peak {res['peak_gb']:.2f} GB, "
                       f"last loss {res['loss']:.4f}", flush=True)
