@@ -84,7 +84,8 @@ class TrainConfig:
     max_seq_length: int = field(default=2048, metadata={"help": "Longer sequences are truncated."})
     batching: str = field(
         default="packed",
-        metadata={"help": "packed (short rows share a row, few shapes: fast) or padded (one row each)."},
+        metadata={"help": ("packed (short rows share a row up to the max sequence length, few shapes: fast; a step "
+                           "then holds more tokens, so an epoch takes fewer steps) or padded (one row each).")},
     )
     steps_per_report: int = field(default=10, metadata={"help": "Steps between train-loss reports."})
     steps_per_eval: int = field(default=50, metadata={"help": "Steps between validations (0: never)."})

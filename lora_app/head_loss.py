@@ -8,9 +8,10 @@ per token. This computes that chunk by chunk together with the loss, and the bac
 
 On a GPU the logits stay in the model's dtype and each chunk's loss comes from MLX's fused cross-entropy kernel
 (float32 accumulation), as in the plain loss (mlx.nn.losses.cross_entropy) and mlx-lm's. A float32 copy of each
-chunk wrote and read twice the bytes: on an H200 (0.5B Qwen2, 8 x 512) the chunked step was then 13% slower than
-the plain one at the same memory limit, and a bfloat16 log-sum-exp shifted the loss (bench/RESULTS.md). MLX's CPU
-kernels reduce in the logits' dtype, so on the CPU the chunks are float32, as MLX's documentation advises.
+chunk wrote and read twice the bytes: on an H200 (0.5B Qwen2, 8 x 512) the chunked step was then 14-15% slower
+than the plain one at the same memory limit, and a bfloat16 log-sum-exp shifted the loss (bench/RESULTS.md).
+MLX's CPU kernels reduce in the logits' dtype, so on the CPU the chunks are float32, as MLX's documentation
+advises.
 
 The chunks must run one after another. MLX runs a graph in any order its dependencies allow: without an edge
 between chunks it made every chunk's logits before the first gradient, and on an H200 the step's peak went up,
@@ -63,6 +64,7 @@ def find_head(model: Any) -> Head | None:
 
 
 def logits_dtype(hidden_dtype: Any) -> Any:
+    """The dtype the chunks' logits are made in: the model's on a GPU, float32 on the CPU (see above)."""
     import mlx.core as mx
 
     return mx.float32 if mx.default_device().type == mx.cpu else hidden_dtype
