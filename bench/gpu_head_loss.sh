@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU calls behind bench/RESULTS.md's "loss through the LM head in ordered chunks" section. Run on the lent GPU
+# The GPU calls behind bench/RESULTS.md's sections on the loss through the LM head in chunks (fifth and sixth
+# sessions). Run on the lent GPU
 # machine after the first call of ../shared/tools/device-mlx-cuda.md parked half the MLX wheel in /tmp:
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh memory      # a fresh machine
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh tight       # a fresh machine
@@ -9,15 +10,16 @@
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh sweep       # carry [".device/b", ".device/h3", ".device/h4"]
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh limits      # carry [".device/b", ".device/old"]
 #     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh bf16        # carry [".device/b", ".device/old", ".device/cur"]
+#     bash .device/b/setup.sh && bash bench/gpu_head_loss.sh verify      # carry [".device/b", ".device/cur"]
 # where .device/old holds the engine to compare with, made here by
 #     mkdir -p .device/old && git archive 5e73e6c lora_app | tar -x -C .device/old
-# and .device/c27 this engine with the head loss in chunks of 2^27 logits instead of 2^26:
-#     mkdir -p .device/c27 && git archive HEAD lora_app | tar -x -C .device/c27
+# and .device/c27 the engine of 57552f9 with the head loss in chunks of 2^27 logits instead of 2^26:
+#     mkdir -p .device/c27 && git archive 57552f9 lora_app | tar -x -C .device/c27
 #     sed -i 's/^CHUNK_ELEMENTS = 2\*\*26/CHUNK_ELEMENTS = 2**27/' .device/c27/lora_app/head_loss.py
 # and .device/cur the engine before the chunks kept the model's dtype (57552f9: float32 chunks of 2^26 logits):
 #     mkdir -p .device/cur && git archive 57552f9 lora_app | tar -x -C .device/cur
-# and .device/h3, .device/h4 this engine with a run-ahead headroom of 3 and 4 GB instead of 2:
-#     mkdir -p .device/h3 && git archive HEAD lora_app | tar -x -C .device/h3
+# and .device/h3, .device/h4 the engine of 57552f9 with a run-ahead headroom of 3 and 4 GB instead of 2:
+#     mkdir -p .device/h3 && git archive 57552f9 lora_app | tar -x -C .device/h3
 #     sed -i 's/^RUN_AHEAD_MIN_HEADROOM = 2e9/RUN_AHEAD_MIN_HEADROOM = 3e9/' .device/h3/lora_app/trainer.py  (4e9: h4)
 # Each step has its own time limit and its output lands under $OUT (or /tmp/gpu_session) as soon as it ends, so a
 # call cut short still returns what finished. One kernel cache for all steps.
@@ -74,5 +76,11 @@ bf16)  # chunks in the model's dtype (this checkout) against float32 chunks (.de
     timeout 90 python3 bench/gpu_memory.py --prep
     timeout 300 python3 bench/engine_pairs.py --rounds 2 --engines new=.,cur=.device/cur,old=.device/old 2>&1 \
         | grep -v Warning | tee -a "$out/pairs.txt" ;;
+verify)  # the landed chunks (fused cross-entropy, model dtype) on the device, then against 57552f9's, and mlx-lm
+    timeout 60 python3 bench/head_loss_check.py 2>&1 | grep -v Warning | tee -a "$out/check.txt"
+    timeout 90 python3 bench/gpu_memory.py --prep
+    timeout 280 python3 bench/engine_pairs.py --rounds 3 --engines new=.,cur=.device/cur 2>&1 | grep -v Warning \
+        | tee -a "$out/pairs.txt"
+    timeout 100 python3 bench/gpu_bench.py --part mlx_lm_train 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loops.txt" ;;
 esac
 date -u | tee -a "$out/card.txt"
