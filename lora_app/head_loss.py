@@ -74,16 +74,6 @@ def tokens_per_chunk(vocab: int, dtype: Any) -> int:
     return max(1, CHUNK_BYTES // (vocab * dtype.size))
 
 
-def chunk_loss(head: Head, h: Any, t: Any, w: Any) -> tuple[Any, Any, Any]:
-    """One chunk's logits, their float32 log-sum-exp and the chunk's weighted cross-entropy sum (float32)."""
-    import mlx.core as mx
-
-    logits = head.apply(h).astype(logits_dtype(h.dtype))
-    losses = mx.fast.cross_entropy(logits, t)  # log-sum-exp - the target's logit, per token, in float32
-    lse = losses + mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    return logits, lse[:, None], (losses * w).sum()
-
-
 def cross_entropy_sum(head: Head, hidden: Any, targets: Any, weights: Any, differentiable: bool = True) -> Any:
     """Sum over tokens of weight x cross-entropy(head(hidden), target), summed in float32. hidden [tokens, hidden],
     targets and weights [tokens]; differentiable with respect to hidden (or, for evaluation, not: then no chunk
@@ -100,9 +90,11 @@ def cross_entropy_sum(head: Head, hidden: Any, targets: Any, weights: Any, diffe
         for start in starts:
             h, t, w = hidden[start:start + chunk], targets[start:start + chunk], weights[start:start + chunk]
             h = mx.depends(h, done) if done else h
-            logits, lse, loss = chunk_loss(head, h, t, w)
-            done = [loss]
+            logits = head.apply(h).astype(logits_dtype(h.dtype))
+            losses = mx.fast.cross_entropy(logits, t)  # log-sum-exp - the target's logit, per token, in float32
+            done = [(losses * w).sum()]
             if differentiable:
+                lse = (losses + mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0])[:, None]
                 d_logits = (mx.exp(logits - lse) - (words == t[:, None])) * w[:, None]
                 done.append(mx.vjp(head.apply, [h], [d_logits.astype(h.dtype)])[1][0])
             yield done

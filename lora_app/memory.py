@@ -52,7 +52,7 @@ def block_activation_bytes(hidden: int, heads: int, batch: int, seq: int, dtype_
 def estimate_training_memory(info: Any, trainable_params: int, batch_size: int, max_seq_length: int,
                              grad_checkpoint: bool = False, dtype_bytes: int | None = None) -> dict[str, int]:
     """Bytes a run needs: frozen weights, LoRA weights + gradients + Adam moments (float32), activations
-    with and without gradient checkpointing (including the loss's float32 logits), and the total."""
+    with and without gradient checkpointing (including one chunk of the loss's logits), and the total."""
     dtype_bytes = dtype_bytes or dtype_bytes_of(info)
     hidden, blocks = int(_get(info, "hidden_size")), int(_get(info, "num_blocks"))
     heads = int(_get(info, "num_heads")) or max(1, hidden // HEAD_DIM)

@@ -34,7 +34,8 @@ from .lora import adapter_tensors, apply_lora, trainable_parameter_count
 # headroom: uniform rows through the CLI ran at 65-118k tokens/s with none, 96-103k with 0.4 GB, 108-122k with
 # 0.8 GB, 148k unbounded (6 GB); 1.1x alone left the chunked step 0.7 GB there (7.85 GB, 90k tokens/s, against
 # 106k for the previous engine at 9.15 GB in the same rounds). mlx-lm's train() peaks at 9.9-10.4 GB on those rows
-# and 15.6-16.2 GB on mixed lengths, where this engine's step needs ~12.3 GB.
+# and 15.6-16.2 GB on mixed lengths, where this engine's step needs ~12.3 GB. 3 and 4 GB of headroom ran no
+# faster than 2 GB, each GB adding a GB of peak.
 RUN_AHEAD_MEMORY = 1.1
 RUN_AHEAD_MIN_HEADROOM = 2e9
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
