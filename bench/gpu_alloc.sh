@@ -26,8 +26,8 @@ alloc)  # allocator and synchronizing calls per step, bounded (the engine) and u
             --memory-limit-gb 100 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/alloc.txt"
     done ;;
 ratio)  # mlx-lm's train() on both datasets, then the engine bounded and unbounded, alternating
-    timeout 240 python3 bench/gpu_bench.py --part mlx_lm_train 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loops.txt"
-    timeout 280 python3 bench/engine_pairs.py --rounds 2 --engines "bound=.,free=.+--memory-limit-gb=100" 2>&1 \
+    timeout 200 python3 bench/gpu_bench.py --part mlx_lm_train 2>&1 | grep -E "^RESULT|Error" | tee -a "$out/loops.txt"
+    timeout 220 python3 bench/engine_pairs.py --rounds 2 --engines "bound=.,free=.+--memory-limit-gb=100" 2>&1 \
         | grep -v Warning | tee -a "$out/pairs.txt" ;;
 esac
 date -u | tee -a "$out/card.txt"
