@@ -465,9 +465,15 @@ def main() -> None:
     ap.add_argument("--modules", help="ours_loop: the CLI's --modules (default: the engine's, q/v)")
     ap.add_argument("--part-timeout", type=int, default=200)
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--report-from", help="only print the tables, from the RESULT lines collected in this file "
+                                          "(parts run one by one with --part, as bench/gpu_table.sh does)")
     a = ap.parse_args()
     if a.small:
         a.batch, a.seq, a.steps, a.iters, a.max_len = 2, 64, 2, 4, 120
+    if a.report_from:
+        lines = Path(a.report_from).read_text().splitlines()
+        print(report([json.loads(x[len("RESULT "):]) for x in lines if x.startswith("RESULT ")], a))
+        return
     if a.part:
         random.seed(0)
         PARTS[a.part](a)
