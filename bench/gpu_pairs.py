@@ -15,6 +15,8 @@ Parts (same model and data as gpu_bench.py / gpu_memory.py: 0.5B Qwen2 shape, ra
          is higher than in a fresh CLI process; the fixed limits stand in for the CLI's.
   lora7  where the all-linear step's extra time goes: q/v vs all 7 modules, as the full step, the gradients
          alone (no optimizer update) and the forward loss alone
+  steps  q/v: mlx-lm's compiled step (as its train() builds it) against ours (the engine: the loss through the
+         LM head in chunks) and ours with the plain logits loss, on the same token rows, no memory limit
 """
 
 # ruff: noqa: B023  (closures are called at once)
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, ours_compiled_step, run_part  # noqa: E402
+from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, mlx_lm_compiled_step, ours_compiled_step, run_part  # noqa: E402
 
 
 def rounds(cases: dict, n: int, reference: str) -> None:
@@ -169,9 +171,45 @@ def part_lora7(a) -> None:
     rounds({name: cases[name] for name in order}, a.rounds, "q/v: step")
 
 
+# ---- steps: our compiled step against mlx-lm's, and what the chunked head loss costs in it ---------------------
+
+def part_steps(a) -> None:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from lora_app.batching import Batch
+    from lora_app.config import LoraConfig
+    from lora_app.lora import apply_lora
+    from lora_app.trainer import batch_arrays
+
+    config = SMALL if a.small else QWEN05
+    B, T = a.batch, a.seq
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, 500, (B, T + 1)).astype(np.int32) for _ in range(a.steps)]
+    ours_arrays = [batch_arrays(Batch(r, np.ones((B, T), np.float32))) for r in rows]
+    lengths = mx.array([[0, T]] * B)  # mlx-lm's batches: each row's [offset, length] of tokens that carry loss
+    theirs_arrays = [(mx.array(r), lengths) for r in rows]
+
+    model = build_mlx_model(a, config)
+    model.freeze()
+    linear_to_lora_layers(model, config["num_hidden_layers"], {
+        "rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
+    model.train()
+    theirs, theirs_state = mlx_lm_compiled_step(model, optim.AdamW(learning_rate=1e-5))
+    cases = {"mlx-lm compiled step": partial(pipelined, theirs, theirs_arrays, theirs_state, B * T)}
+    for name, plain_loss in (("ours (head loss in chunks)", False), ("ours, plain logits loss", True)):
+        ours = build_mlx_model(a, config)
+        apply_lora(ours, LoraConfig(modules=["q_proj", "v_proj"]), seed=0)
+        step, state = ours_compiled_step(ours, plain_loss=plain_loss)
+        cases[name] = partial(pipelined, step, ours_arrays, state, B * T)
+    rounds(cases, a.rounds, "mlx-lm compiled step")
+
+
 # ---- parent: run the parts, print the tables -----------------------------------------------------------------
 
-PARTS = {"loop": part_loop, "lora7": part_lora7}
+PARTS = {"loop": part_loop, "lora7": part_lora7, "steps": part_steps}
 
 
 def table(results: list[dict], title: str) -> str:
