@@ -5,9 +5,10 @@ and without it (issue 8: the bound costs ~15% of the unbounded speed on the H200
     python3 bench/alloc_calls.py --label free   -- train --model M --data D ... --memory-limit-gb 100 --out RUN2
 
 Runs the CLI in this process under PyTorch's profiler, whose CUPTI trace also sees MLX's CUDA runtime and driver
-calls, and prints one RESULT line: the calls per training step by name (the 25 most frequent). The lead it tests:
-on a cache miss MLX's CUDA allocator first frees cached buffers when active + cached memory passes the memory
-limit, and cudaFree waits for the whole device; a bound near the step's peak would make that happen every step.
+calls, and prints one RESULT line: the calls per training step by name (the 25 most frequent). What it showed
+(bench/RESULTS.md, seventh session): on a cache miss MLX's CUDA allocator first returns cached buffers to the
+device pool when active + cached memory would pass the memory limit, and under the bound, which keeps active
+memory near that limit, this happens a few hundred times a step (cudaMallocAsync / cudaFreeAsync).
 """
 
 from __future__ import annotations

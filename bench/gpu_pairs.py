@@ -35,7 +35,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gpu_bench import ALL7, QWEN05, SMALL, build_mlx_model, emit, mlx_lm_compiled_step, ours_compiled_step, run_part  # noqa: E402
+from gpu_bench import (  # noqa: E402
+    ALL7,
+    QWEN05,
+    SMALL,
+    build_mlx_model,
+    emit,
+    mlx_lm_compiled_step,
+    ours_compiled_step,
+    run_part,
+)
 
 
 def rounds(cases: dict, n: int, reference: str) -> None:

@@ -453,8 +453,8 @@ class Trainer:
         and the GPU for the host after. The part above the weights is scaled to the largest batch shape of the
         plan (padded batches grow). A user-set memory_limit_gb is left as it is: that is how a user trades memory
         for the unbounded speed. What the bound still costs (13% on uniform rows on an H200, 2% on mixed lengths)
-        comes with MLX's allocator churning at the limit: there a cache miss first returns cached buffers to the device pool, so
-        the step allocates and frees a few hundred more times (bench/RESULTS.md, seventh session).
+        comes with MLX's allocator churning at the limit: there a cache miss first returns cached buffers to the
+        device pool, so the step allocates and frees a few hundred more times (bench/RESULTS.md, seventh session).
         """
         import mlx.core as mx
 
