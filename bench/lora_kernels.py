@@ -22,7 +22,8 @@ Parts, each in its own process:
   paths  the full compiled step, q/v and all 7 modules, for each low-rank path in PATHS, in interleaved rounds
          (gpu_pairs.rounds); reference: q/v on the first path.
 Paths: "engine" is lora_layer.py as it is; "bf16 add" is the engine before it used addmm (scale applied to the
-[tokens, out] product, then a separate add).
+[tokens, out] product, then a separate add); "bf16 params" is the engine with A and B stored in bf16 (no casts:
+what bf16 copies written by the optimizer could save at most; not numerically what the engine should train).
 """
 
 # ruff: noqa: B023  (closures are called at once)
@@ -50,14 +51,21 @@ RANK = 8
 TARGETS = (("q/v", ["q_proj", "v_proj"]), ("all 7", ALL7))  # (tag, modules) of every step compared
 
 
-def lora_step(a, modules: list[str]) -> tuple:
+def lora_step(a, modules: list[str], bf16_params: bool = False) -> tuple:
     """A fresh model with LoRA on `modules` and the engine's compiled step for it: (model, step, state). The step
-    traces its low-rank path at its first call: make that call inside low_rank_path(...) to pick one."""
+    traces its low-rank path at its first call: make that call inside low_rank_path(...) to pick one.
+    bf16_params: A and B (and so AdamW's state) stored in bf16, which drops the casts the engine's float32
+    parameters cost in every step (forward and gradient): an upper bound on keeping bf16 copies of them."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
     from lora_app.config import LoraConfig
     from lora_app.lora import apply_lora
 
     model = build_mlx_model(a, SMALL if a.small else QWEN05)
     apply_lora(model, LoraConfig(modules=modules), seed=0)
+    if bf16_params:
+        model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.trainable_parameters()))
     return (model, *ours_compiled_step(model))
 
 
@@ -132,7 +140,7 @@ def path_call(path: str):
 
     from lora_app.lora_layer import LoRALinear
 
-    if path == "engine":
+    if path in ("engine", "bf16 params"):  # the latter: the engine's call on bf16 A and B (see path_steps)
         return LoRALinear.__call__
     if path == "bf16 add":
         def call(self, x):
@@ -161,7 +169,7 @@ def path_steps(a) -> tuple[dict, dict]:
     arrays, cases, losses = random_batches(a), {}, {}
     for tag, modules in TARGETS:
         for path in a.paths:
-            _, step, state = lora_step(a, modules)
+            _, step, state = lora_step(a, modules, bf16_params=path == "bf16 params")
             with low_rank_path(path):
                 losses[f"{tag}, {path}"] = [float(step(*x)[0]) for x in arrays[:3]]
             cases[f"{tag}, {path}"] = partial(pipelined, step, arrays, state, a.batch * a.seq)
@@ -226,7 +234,7 @@ def part_profile(a) -> None:
     on_gpu = torch.cuda.is_available()  # on a CPU (--small) only the code path is checked: MLX's work is unseen
     kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
     for (tag, modules), path in product(TARGETS, a.paths):
-        _, step, state = lora_step(a, modules)
+        _, step, state = lora_step(a, modules, bf16_params=path == "bf16 params")
         with low_rank_path(path):
             for x in arrays[:3]:
                 mx.eval(step(*x), state)
