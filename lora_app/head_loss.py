@@ -80,7 +80,8 @@ def cross_entropy_sum(head: Head, hidden: Any, targets: Any, weights: Any, diffe
     computes a gradient)."""
     import mlx.core as mx
 
-    chunk = tokens_per_chunk(head.vocab, logits_dtype(hidden.dtype))
+    dtype = logits_dtype(hidden.dtype)
+    chunk = tokens_per_chunk(head.vocab, dtype)
     starts = range(0, hidden.shape[0], chunk)
 
     def pieces(hidden: Any, targets: Any, weights: Any):
@@ -90,7 +91,7 @@ def cross_entropy_sum(head: Head, hidden: Any, targets: Any, weights: Any, diffe
         for start in starts:
             h, t, w = hidden[start:start + chunk], targets[start:start + chunk], weights[start:start + chunk]
             h = mx.depends(h, done) if done else h
-            logits = head.apply(h).astype(logits_dtype(h.dtype))
+            logits = head.apply(h).astype(dtype)
             losses = mx.fast.cross_entropy(logits, t)  # log-sum-exp - the target's logit, per token, in float32
             done = [(losses * w).sum()]
             if differentiable:
