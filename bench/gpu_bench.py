@@ -16,9 +16,11 @@ import argparse
 import contextlib
 import json
 import random
+import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +133,13 @@ def ours_compiled_step(model, plain_loss: bool = False) -> tuple:
 
 
 def part_mlx_steps(a) -> None:
-    """Bare compiled steps: mlx-lm's train() step vs ours (padded, packed with a mask), q/v and all 7 modules."""
+    """Bare compiled steps: mlx-lm's train() step vs ours (padded, packed with a mask), q/v and all 7 modules.
+
+    Each module set's cases are built first and then timed in interleaved rounds (A B C, A B C, ...), each reported
+    as its median: timed one after another, a case could land in one of the machine's slow or fast regimes, which
+    last seconds (bench/RESULTS.md, seventh session). q/v is reported before all 7 are built, so a part cut short
+    by its time limit keeps it.
+    """
 
     import mlx.core as mx
     import mlx.optimizers as optim
@@ -152,33 +160,39 @@ def part_mlx_steps(a) -> None:
 
     for modules in (["q_proj", "v_proj"], ALL7):
         tag = "q/v" if len(modules) == 2 else "all 7"
+        cases = {}  # name -> (call, state)
         # mlx-lm: the step exactly as train() builds it
         model = build_mlx_model(a, config)
         model.freeze()
         linear_to_lora_layers(model, config["num_hidden_layers"], {
             "rank": 8, "scale": 2.0, "dropout": 0.0,
             "keys": [f"self_attn.{m}" if m[0] in "qkvo" else f"mlp.{m}" for m in modules]})
-        opt = optim.AdamW(learning_rate=1e-5)
-        their_step, state = mlx_lm_compiled_step(model, opt)
+        their_step, state = mlx_lm_compiled_step(model, optim.AdamW(learning_rate=1e-5))
         model.train()
-        batch = mx.array(tokens)
-        lengths = mx.array([[0, T]] * B)
-        run_case(f"mlx-lm compiled step, {tag}", lambda: their_step(batch, lengths), state, a, B * T)
-        del model, opt, state, their_step
+        batch, lengths = mx.array(tokens), mx.array([[0, T]] * B)
+        cases[f"mlx-lm compiled step, {tag}"] = (partial(their_step, batch, lengths), state)
 
         # ours: Trainer.compiled_step on our batches; our LoRA layer (bf16 low-rank path) and mlx-lm's (float32)
-        cases = [("padded/causal", Batch(tokens, weights), False), ("padded/causal, float32 LoRA path",
-                                                                     Batch(tokens, weights), True)]
+        variants = [("padded/causal", Batch(tokens, weights), False), ("padded/causal, float32 LoRA path",
+                                                                        Batch(tokens, weights), True)]
         if tag == "q/v":
-            cases.append(("packed, 4 seqs/row (mask)", Batch(tokens, weights, seg), False))
-        for name, b, float32_path in cases:
+            variants.append(("packed, 4 seqs/row (mask)", Batch(tokens, weights, seg), False))
+        for name, b, float32_path in variants:
             model = build_mlx_model(a, config)
             with float32_lora_path(float32_path):
                 apply_lora(model, LoraConfig(modules=modules), seed=0)
             step, state = ours_compiled_step(model)
-            arrays = batch_arrays(b)
-            run_case(f"ours compiled step, {tag}, {name}", lambda: step(*arrays), state, a, B * T)
-            del model, step, state
+            cases[f"ours compiled step, {tag}, {name}"] = (partial(step, *batch_arrays(b)), state)
+
+        got = {name: [] for name in cases}
+        for _ in range(a.rounds):
+            for name, (call, state) in cases.items():
+                got[name].append(time_case(call, state, a.steps))
+        for name, runs in got.items():
+            ms = statistics.median(r[0] for r in runs) * 1000
+            emit(part="mlx_step", name=name, ms=ms, tok_s=B * T / ms * 1000, peak_gb=max(r[1] for r in runs),
+                 tok_s_rounds=[round(B * T / r[0]) for r in runs])
+        del cases, model, state, step, their_step
 
 
 @contextlib.contextmanager
@@ -196,7 +210,8 @@ def float32_lora_path(on: bool = True):
         layer.LoRALinear = ours
 
 
-def run_case(name: str, call, state, a, tokens: int) -> None:
+def time_case(call, state, steps: int) -> tuple[float, float]:
+    """Seconds per step of a compiled step enqueued back to back, and its peak memory in GB."""
     import mlx.core as mx
 
     mx.clear_cache()
@@ -210,8 +225,7 @@ def run_case(name: str, call, state, a, tokens: int) -> None:
         if sync:
             mx.eval(out[0], state)
 
-    dt = timed(fn, a.steps)
-    emit(part="mlx_step", name=name, ms=dt * 1000, tok_s=tokens / dt, peak_gb=mx.get_peak_memory() / 1e9)
+    return timed(fn, steps), mx.get_peak_memory() / 1e9
 
 
 def part_loop_variants(a) -> None:
@@ -456,6 +470,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="mlx_steps: interleaved timing rounds per case")
     ap.add_argument("--iters", type=int, default=40, help="steps of the padded loops (one epoch)")
     ap.add_argument("--max-len", type=int, default=1000)
     ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
@@ -507,11 +522,14 @@ def report(results: list[dict], a) -> str:
     lines = [f"bf16 matmul ceiling (MLX, {8192 if not a.small else 1024}³): "
              f"{ceiling or float('nan'):.1f} TFLOP/s on {device}; {fpt / 1e9:.2f} GFLOP per token "
              f"(forward + activation gradients, seq {a.seq})", "",
-             "| what | ms/step | tokens/s | % of bf16 ceiling | peak memory (GB) |", "|---|---:|---:|---:|---:|"]
+             "MLX steps: the median of interleaved rounds (each round's tokens/s listed).", "",
+             "| what | ms/step | tokens/s | each round | % of bf16 ceiling | peak memory (GB) |",
+             "|---|---:|---:|---|---:|---:|"]
     for r in results:
         if r["part"] in ("mlx_step", "torch"):
             peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
-            lines.append(f"| {r['name']} ({a.batch} × {a.seq}) | {r['ms']:.1f} | {r['tok_s']:,.0f} | "
+            each = ", ".join(f"{x / 1000:.1f}k" for x in r.get("tok_s_rounds", [])) or "-"
+            lines.append(f"| {r['name']} ({a.batch} × {a.seq}) | {r['ms']:.1f} | {r['tok_s']:,.0f} | {each} | "
                          f"{frac(r['tok_s'])} | {peak} |")
     lines += ["", "Training loops, one epoch each (tokens carrying loss; throughput after the first report window "
                   "for mlx-lm, after step 1 for ours):", "",
