@@ -3,8 +3,9 @@
 # in interleaved rounds; PyTorch+PEFT eager and torch.compile; both training loops) with the current engine, part
 # by part, so a call cut short still returns every part that finished. The parts' results collect in
 # /tmp/gpu_session/results.txt, which stays while the lent machine is warm, so the table may take two calls back to
-# back (all of it needs ~11 minutes; a call gets 10). On the lent GPU machine, after the first call of
-# ../shared/tools/device-mlx-cuda.md parked half the MLX wheel in /tmp:
+# back (the parts' time limits add up to 14 minutes, a call gets 10; they ran in 7 on an H200); a machine that
+# already made a table appends to it, so remove that folder first for a new one. On the lent GPU machine, after
+# the first call of ../shared/tools/device-mlx-cuda.md parked half the MLX wheel in /tmp:
 #     bash .device/b/setup.sh >/dev/null && bash bench/gpu_table.sh ceiling mlx_steps       # carry [".device/b"]
 #     bash .device/b/setup.sh >/dev/null && bash bench/gpu_table.sh torch mlx_lm_train ours_loop
 # (no arguments: every part), where .device/b also holds the accelerate and psutil wheels that PEFT imports:
