@@ -3,7 +3,9 @@
     python3 bench/engine_pairs.py --engines new=.,old=/path/to/old/checkout --data uniform,mixed --rounds 3
     python3 bench/engine_pairs.py --engines "bound=.,free=.+--memory-limit-gb=100" --data uniform
 
-An engine is name=folder, optionally followed by +-separated extra CLI arguments for its runs.
+An engine is name=folder, optionally followed by +-separated extra CLI arguments for its runs; an extra that
+looks like NAME=value (capitals, no leading dash) is set in the run's environment instead, e.g.
+    --engines "free=.+--memory-limit-gb=100,free5=.+--memory-limit-gb=100+MLX_MAX_OPS_PER_BUFFER=5"
 
 On the H200 the same run drifts between a fast and a slow regime for seconds at a time (bench/RESULTS.md), so
 two engines measured in separate calls cannot be told apart by 5-10%. Here each round runs every engine on every
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,15 +34,21 @@ from gpu_bench import steady_tokens_per_second  # noqa: E402
 
 from lora_app.runs import read_events  # noqa: E402
 
+# An extra of an engine that sets an environment variable for its runs (NAME=value) rather than a CLI argument.
+ENV_SETTING = re.compile(r"^[A-Z][A-Z0-9_]*=")
+
 
 def run(engine: Path, extra: list[str], data: str, a, out: Path) -> dict:
     run_dir = out / f"{engine.name or 'engine'}-{data}-{time.time_ns()}"
+    settings = dict(x.split("=", 1) for x in extra if ENV_SETTING.match(x))
+    extra = [x for x in extra if not ENV_SETTING.match(x)]
     cmd = [sys.executable, "-m", "lora_app", "train", "--model", f"{a.work}/model", "--data", f"{a.work}/{data}",
            "--batch-size", "8", "--iters", str(a.iters[data]), "--rank", "8", "--alpha", "16",
            "--learning-rate", "1e-5", "--max-seq-length", "1024", "--batching", "packed",
            "--steps-per-report", "10", "--steps-per-eval", "0", "--save-every", str(a.iters[data]),
            "--out", str(run_dir), *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(engine), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **settings,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(engine), os.environ.get("PYTHONPATH")]))}
     subprocess.run(cmd, cwd=engine, env=env, check=True, timeout=a.timeout, stdout=subprocess.DEVNULL)
     events = read_events(run_dir)
     train = [e for e in events if e["event"] == "train"]
