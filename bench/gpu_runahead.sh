@@ -2,10 +2,14 @@
 # Does MLX bound the host's run-ahead by its count of CUDA graphs in flight? Its eval waits once more than 10
 # committed graphs are running, and a graph is committed every MLX_MAX_OPS_PER_BUFFER kernels (20 by default) or
 # MLX_MAX_MB_PER_BUFFER megabytes; smaller graphs would then bound the run-ahead, and with it the peak, without the
-# memory limit whose cache release costs the engine's bound its speed (bench/RESULTS.md, seventh session). The CLI
-# on the uniform rows, alternating: the engine (its memory bound), no bound, and no bound with smaller graphs.
-# On the lent GPU machine, after the first call of ../shared/tools/device-mlx-cuda.md:
-#     bash .device/b/setup.sh >/dev/null && bash bench/gpu_runahead.sh      # carry [".device/b"]
+# memory limit whose cache release costs the engine's memory bound its speed (bench/RESULTS.md, seventh session).
+# The CLI, alternating run by run (bench/engine_pairs.py). On the lent GPU machine, after the first call of
+# ../shared/tools/device-mlx-cuda.md:
+#     bash .device/b/setup.sh >/dev/null && bash bench/gpu_runahead.sh probe     # carry [".device/b"]
+#     bash .device/b/setup.sh >/dev/null && bash bench/gpu_runahead.sh engine
+# probe:  uniform rows: the memory bound, no bound, and no bound with graphs of 5 kernels or 10 MB.
+# engine: the engine's graph bound (lora_app/run_ahead.py) against its memory bound (a user-set graph size of 20,
+#         MLX's default, keeps it) and other graph sizes without a memory bound; uniform rows and mixed lengths.
 out=${OUT:-/tmp/gpu_session}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MLX_PTX_CACHE_DIR=/tmp/gpu_bench/ptx_session
@@ -13,7 +17,19 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/ca
 date -u | tee -a "$out/card.txt"
 [ -d /tmp/gpu_bench/model ] || timeout 120 python3 bench/gpu_memory.py --prep
 free=--memory-limit-gb=100
-timeout 420 python3 bench/engine_pairs.py --data uniform --rounds 3 --uniform-iters 60 --engines \
-    "bound=.,free=.+$free,ops5=.+$free+MLX_MAX_OPS_PER_BUFFER=5,mb10=.+$free+MLX_MAX_MB_PER_BUFFER=10" 2>&1 \
-    | grep -v Warning | tee -a "$out/runahead.txt"
+pairs() {  # seconds, then engine_pairs.py's arguments
+    timeout "$1" python3 bench/engine_pairs.py "${@:2}" 2>&1 | grep -v Warning | tee -a "$out/runahead.txt"
+}
+case "$1" in
+probe)
+    pairs 420 --data uniform --rounds 3 --uniform-iters 60 --engines \
+        "bound=.,free=.+$free,ops5=.+$free+MLX_MAX_OPS_PER_BUFFER=5,mb10=.+$free+MLX_MAX_MB_PER_BUFFER=10" ;;
+engine)
+    ops=MLX_MAX_OPS_PER_BUFFER
+    pairs 250 --data uniform --rounds 2 --uniform-iters 60 --engines "graphs=.,memory=.+$ops=20,\
+ops8=.+$free+$ops=8,ops10=.+$free+$ops=10,free=.+$free+$ops=20"
+    pairs 120 --data mixed --rounds 1 --mixed-iters 60 --engines "graphs=.,memory=.+$ops=20,ops8=.+$free+$ops=8"
+    echo "runs that logged the graph bound: $(grep -l 'run-ahead bounded by CUDA graphs' \
+        /tmp/gpu_bench/engine_pairs/*/events.jsonl | wc -l) (3 expected)" | tee -a "$out/runahead.txt" ;;
+esac
 date -u | tee -a "$out/card.txt"
