@@ -150,9 +150,6 @@ def resume_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .run_ahead import use_small_graphs
-
-    small_graphs = use_small_graphs()  # before mlx is imported (below)
     from .config import save_config_json
     from .trainer import Trainer
 
@@ -171,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .distributed import launch
 
         return launch(run_dir, cfg, args.nproc, args.hosts, resume=bool(args.resume))
-    trainer = Trainer(run_dir, cfg, resume=bool(args.resume), small_graphs=small_graphs)
+    trainer = Trainer(run_dir, cfg, resume=bool(args.resume))
     if trainer.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config_json(cfg, run_dir / "config.json")

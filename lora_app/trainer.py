@@ -26,7 +26,6 @@ from .config import RunConfig
 from .fileio import remove_temp_files
 from .head_loss import Head, cross_entropy_sum, find_head
 from .lora import adapter_tensors, apply_lora, trainable_parameter_count
-from .run_ahead import small_graphs_note
 
 # The memory limit set after step 1 bounds how far the host encodes ahead of the GPU: step 1's peak plus a headroom
 # of RUN_AHEAD_MEMORY - 1 times that peak, and at least RUN_AHEAD_MIN_HEADROOM bytes. Step 1 itself runs under a
@@ -156,12 +155,10 @@ def evaluate(model: Any, batches: list[Batch], head: Head | None = None) -> floa
 class Trainer:
     """One training run in one process (or one rank of a distributed run)."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, resume: bool = False, small_graphs: bool = False):
-        """small_graphs: run_ahead.use_small_graphs() put this process's run-ahead under a CUDA-graph bound, so
-        the memory limit need not bound it."""
+    def __init__(self, run_dir: Path, cfg: RunConfig, resume: bool = False):
         import mlx.core as mx
 
-        self.run_dir, self.cfg, self.resume, self.small_graphs = Path(run_dir), cfg, resume, small_graphs
+        self.run_dir, self.cfg, self.resume = Path(run_dir), cfg, resume
         self.world = mx.distributed.init()
         self.rank, self.size = self.world.rank(), self.world.size()
         self.signal_request: str | None = None
@@ -368,9 +365,7 @@ class Trainer:
         upcoming = self.upload(p.step)
         mx.reset_peak_memory()  # the peak the train events report is the training's, not the loading's
         before, first_shape = mx.get_active_memory(), upcoming[0][0].shape
-        usual_limit = None if self.small_graphs else self.tighten_for_step_1()
-        if self.small_graphs:
-            self.event("info", message=small_graphs_note())
+        usual_limit = self.tighten_for_step_1()
         while p.step < self.total_steps:
             step = p.step + 1
             if self.cfg.lora.dropout > 0:

@@ -1,8 +1,7 @@
 """On a GPU the loop runs step 1 under a memory limit at the memory in use (so its peak is what a step needs, not
 what the host allocated ahead of the GPU), then bounds the run-ahead at that peak plus a headroom, never above
-the limit there was before; a user's memory_limit_gb is left alone, and under small CUDA graphs (test_run_ahead.py)
-no limit is set. MLX's memory limit works the same on the CPU, so these run the real loop here with the device
-reported as a GPU."""
+the limit there was before; a user's memory_limit_gb is left alone. MLX's memory limit works the same on the CPU,
+so these run the real loop here with the device reported as a GPU."""
 
 from __future__ import annotations
 
@@ -19,14 +18,14 @@ from lora_app.trainer import Trainer
 
 
 def train_as_on_a_gpu(model: Path, data: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                      small_graphs: bool = False, **overrides: object) -> tuple[list[int], list[float], int]:
+                      **overrides: object) -> tuple[list[int], list[float], int]:
     """The limits the loop set, the losses it reported, and the limit left at the end."""
     cfg = RunConfig.from_flat({"model": str(model), "data": str(data), "batch_size": 2, "max_seq_length": 64,
                                "iters": 6, "steps_per_report": 1, "steps_per_eval": 0, "save_every": 10**6,
                                **overrides})
     run_dir.mkdir()
     process_limit = mx.get_memory_limit()  # put back at the end: the limit is process-wide
-    tr = Trainer(run_dir, cfg, small_graphs=small_graphs)
+    tr = Trainer(run_dir, cfg)
     tr.setup()
     limits: list[int] = []
     real_set = mx.set_memory_limit
@@ -61,14 +60,3 @@ def test_a_user_set_limit_is_left_alone(tiny_model, text_data, tmp_path, monkeyp
     limits, losses, left = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "user", monkeypatch,
                                              memory_limit_gb=3.5)
     assert limits == [] and left == int(3.5e9) and len(losses) == 6
-
-
-def test_under_small_cuda_graphs_no_memory_limit_is_set(tiny_model, text_data, tmp_path, monkeypatch) -> None:
-    """The `train` command put the run-ahead under a CUDA-graph bound (lora_app/run_ahead.py): the memory limit,
-    whose cache release costs speed, stays as it was; the training is the same."""
-    original = mx.get_memory_limit()
-    limits, losses, left = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "graphs", monkeypatch,
-                                             small_graphs=True)
-    assert limits == [] and left == original
-    _, bounded_losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "bounded", monkeypatch)
-    assert losses == bounded_losses and len(losses) == 6
