@@ -117,6 +117,21 @@ def mlx_lm_compiled_step(model, opt) -> tuple:
     return step, state
 
 
+def mlx_lm_lora_step(a, config: dict, modules: list[str]) -> tuple:
+    """A fresh model with mlx-lm's own LoRA layers (rank 8, scale 2) on `modules` of every block, in training
+    mode, and mlx-lm's compiled step for it (AdamW, lr 1e-5): (step(batch, lengths), state)."""
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = build_mlx_model(a, config)
+    model.freeze()
+    linear_to_lora_layers(model, config["num_hidden_layers"], {
+        "rank": 8, "scale": 2.0, "dropout": 0.0,
+        "keys": [f"self_attn.{m}" if m[0] in "qkvo" else f"mlp.{m}" for m in modules]})
+    model.train()
+    return mlx_lm_compiled_step(model, optim.AdamW(learning_rate=1e-5))
+
+
 def ours_compiled_step(model, plain_loss: bool = False) -> tuple:
     """Trainer.compiled_step (default settings) for a model with LoRA applied, in training mode; plain_loss: the
     loss through the whole logits tensor instead of head_loss's chunks."""
@@ -142,9 +157,7 @@ def part_mlx_steps(a) -> None:
     """
 
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from lora_app.batching import Batch
     from lora_app.config import LoraConfig
@@ -161,14 +174,7 @@ def part_mlx_steps(a) -> None:
     for modules in (["q_proj", "v_proj"], ALL7):
         tag = "q/v" if len(modules) == 2 else "all 7"
         cases = {}  # name -> (call, state)
-        # mlx-lm: the step exactly as train() builds it
-        model = build_mlx_model(a, config)
-        model.freeze()
-        linear_to_lora_layers(model, config["num_hidden_layers"], {
-            "rank": 8, "scale": 2.0, "dropout": 0.0,
-            "keys": [f"self_attn.{m}" if m[0] in "qkvo" else f"mlp.{m}" for m in modules]})
-        their_step, state = mlx_lm_compiled_step(model, optim.AdamW(learning_rate=1e-5))
-        model.train()
+        their_step, state = mlx_lm_lora_step(a, config, modules)  # mlx-lm: the step exactly as train() builds it
         batch, lengths = mx.array(tokens), mx.array([[0, T]] * B)
         cases[f"mlx-lm compiled step, {tag}"] = (partial(their_step, batch, lengths), state)
 

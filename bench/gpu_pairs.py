@@ -41,7 +41,7 @@ from gpu_bench import (  # noqa: E402
     SMALL,
     build_mlx_model,
     emit,
-    mlx_lm_compiled_step,
+    mlx_lm_lora_step,
     ours_compiled_step,
     run_part,
 )
@@ -184,9 +184,7 @@ def part_lora7(a) -> None:
 
 def part_steps(a) -> None:
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from lora_app.batching import Batch
     from lora_app.config import LoraConfig
@@ -201,12 +199,7 @@ def part_steps(a) -> None:
     lengths = mx.array([[0, T]] * B)  # mlx-lm's batches: each row's [offset, length] of tokens that carry loss
     theirs_arrays = [(mx.array(r), lengths) for r in rows]
 
-    model = build_mlx_model(a, config)
-    model.freeze()
-    linear_to_lora_layers(model, config["num_hidden_layers"], {
-        "rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
-    model.train()
-    theirs, theirs_state = mlx_lm_compiled_step(model, optim.AdamW(learning_rate=1e-5))
+    theirs, theirs_state = mlx_lm_lora_step(a, config, ["q_proj", "v_proj"])
     cases = {"mlx-lm compiled step": partial(pipelined, theirs, theirs_arrays, theirs_state, B * T)}
     for name, plain_loss in (("ours (head loss in chunks)", False), ("ours, plain logits loss", True)):
         ours = build_mlx_model(a, config)
