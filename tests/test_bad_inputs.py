@@ -132,6 +132,15 @@ CLI_CASES = [
     ("data-missing", lambda k: train(k, "--data", str(k.bad / "nope")), "no such file or folder"),
     ("data-few-rows", lambda k: train(k, "--data", str(k.bad / "data-few")), "fewer than the batch size"),
     ("stop-idle-run", lambda k: ["stop", str(k.run)], "no training process is running"),
+    # An mlx.launch hostfile (issue 23): keys mlx.launch acts on but this app does not check are refused.
+    ("hosts-envs", lambda k: (k.bad / "hosts-envs.json").write_text(
+        '{"envs": ["PYTHONPATH=/tmp/x"], "hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]}')
+     and train(k, "--hosts", str(k.bad / "hosts-envs.json")), 'the top level has "envs", which this app does not'),
+    ("hosts-ssh-option", lambda k: (k.bad / "hosts-ssh.json").write_text(
+        '[{"ssh": "-oProxyCommand=touch /tmp/x", "ips": ["10.0.0.1"]}]')
+     and train(k, "--hosts", str(k.bad / "hosts-ssh.json")), 'entry 1: "ssh" "-oProxyCommand=touch /tmp/x" is not'),
+    ("hosts-bad-ip", lambda k: (k.bad / "hosts-ip.json").write_text('[{"ssh": "mac1", "ips": ["10.0.0.300"]}]')
+     and train(k, "--hosts", str(k.bad / "hosts-ip.json")), 'entry 1: "ips" "10.0.0.300" is not an IP address'),
 ]
 
 

@@ -48,7 +48,9 @@ def test_launch_command_for_a_hostfile(tmp_path):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]))
     cmd = launch_command(tmp_path / "run", 0, str(hostfile), resume=False)
-    assert cmd[0].endswith("mlx.launch") and cmd[1:3] == ["--hostfile", str(hostfile)]
+    # mlx.launch reads the checked copy in the run folder, never the user's file.
+    assert cmd[0].endswith("mlx.launch") and cmd[1:3] == ["--hostfile", str(tmp_path / "run" / "hosts.json")]
+    assert json.loads((tmp_path / "run" / "hosts.json").read_text()) == json.loads(hostfile.read_text())
     inner = cmd[cmd.index("--") + 1:]
     assert inner[1:5] == ["-m", "lora_app", "train", "--launched"]
     assert inner[-4:] == ["--config", str(tmp_path / "run" / "config.json"), "--out", str(tmp_path / "run")]

@@ -13,7 +13,7 @@ import pytest
 from lora_app import runs
 from lora_app.__main__ import build_parser, check_new_run_dir
 from lora_app.config import ConfigError, RunConfig
-from lora_app.distributed import check_hostfile, launch_command
+from lora_app.distributed import launch_command, read_hostfile
 from lora_app.ui import launch, timeline, train_step
 from lora_app.ui.context import Context
 from lora_app.ui.settings import FORM_KEYS, command_preview, config_to_form
@@ -81,7 +81,7 @@ def test_a_list_of_hosts_becomes_an_mlx_launch_hostfile(tmp_path):
 
     parsed = Hostfile.from_file(str(hostfile))
     assert [(h.ssh_hostname, h.ips) for h in parsed.hosts][1] == ("user@10.0.0.2", ["10.0.0.2"])
-    assert check_hostfile(str(hostfile)) == hostfile
+    assert read_hostfile(hostfile, "--hosts").to_json() == json.loads(hostfile.read_text())
     cmd = launch_command(run_dir, 0, args[1], resume=True)
     assert cmd[1:3] == ["--hostfile", args[1]] and cmd[-2:] == ["--resume", str(run_dir)]
 
@@ -98,16 +98,17 @@ def test_bad_host_lists_name_the_field(hosts, message):
         check(LIST, hosts=hosts)
 
 
-def test_an_uploaded_hostfile_is_copied_as_is(tmp_path):
+def test_an_uploaded_hostfile_is_written_checked(tmp_path):
+    """Only the checked fields reach the run folder (an "envs" key is refused: tests/test_hostfile_security.py)."""
     upload = tmp_path / "upload.json"
-    text = json.dumps({"backend": "ring", "envs": ["X=1"], "hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
-                                                                      {"ssh": "mac1", "ips": ["10.0.0.1"]}]})
-    upload.write_text(text)
+    data = {"backend": "ring", "hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
+                                         {"ssh": "mac1", "ips": ["10.0.0.1"]}]}
+    upload.write_text(json.dumps(data, indent=4))
     choice = check(FILE, hostfile=str(upload))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     assert choice.world_size == 2 and launch.save_launch(run_dir, choice)[0] == "--hosts"
-    assert (run_dir / "hosts.json").read_text() == text
+    assert (run_dir / "hosts.json").read_text() == json.dumps(data, indent=1) + "\n"
     assert json.loads((run_dir / "launch.json").read_text()) == {"hosts": "hosts.json"}
 
 

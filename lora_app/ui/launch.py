@@ -14,18 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
+from ..distributed import HOSTFILE, MAX_HOSTS, Hosts, check_hostfile_data, is_ssh_target, read_hostfile, write_hostfile
+from ..fileio import atomic_write_text
 
 MODES = ("this process", "N processes on this machine", "machines from a hostfile", "a list of hosts")
-HOSTFILE = "hosts.json"
 LAUNCH = "launch.json"
 
 
 @dataclass
 class Launch:
-    """A checked choice: nproc > 1 for processes here, or the hostfile text to write into the run folder."""
+    """A checked choice: nproc > 1 for processes here, or the checked hosts to write into the run folder."""
 
     nproc: int = 0
-    hostfile_text: str | None = None
+    hosts: Hosts | None = None
     world_size: int = 1
 
 
@@ -48,44 +49,13 @@ def parse_nproc(nproc: object, cpus: int) -> int:
     return n
 
 
-def check_hostfile_data(data: object, source: str = "Hostfile") -> list[dict]:
-    """mlx.launch's hostfile: a JSON list of {"ssh": host, "ips": [...]} (or an object with "hosts").
-    The ring backend (the default off CUDA) needs every host's IP; the names it ssh's into may differ."""
-    hosts = data.get("hosts") if isinstance(data, dict) else data
-    backend = data.get("backend", "") if isinstance(data, dict) else ""
-    shape = f'{source}: expected a list of {{"ssh": "host", "ips": ["192.168.2.1"]}} entries'
-    if not isinstance(hosts, list) or not hosts:
-        raise ConfigError(shape)
-    for i, h in enumerate(hosts, 1):
-        if not isinstance(h, dict) or not isinstance(h.get("ssh"), str) or not h["ssh"].strip():
-            raise ConfigError(f"{shape} (entry {i} has no \"ssh\" host name)")
-        ips = h.get("ips", [])
-        if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
-            raise ConfigError(f"{shape} (entry {i}: \"ips\" must be a list of addresses)")
-        if backend in ("", "ring") and not ips:
-            raise ConfigError(f"{source}: entry {i} ({h['ssh']}) has no \"ips\"; the ring backend connects "
-                              "by IP address")
-    return hosts
-
-
-def read_hostfile(path: str | Path) -> str:
-    """The uploaded hostfile's text, checked."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text)
-    except OSError as e:
-        raise ConfigError(f"Hostfile: cannot read it ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Hostfile: not valid JSON ({e})") from None
-    check_hostfile_data(data)
-    return text
-
-
 def hosts_to_hostfile(text: str, resolve=resolve_ipv4) -> list[dict]:
     """One host per line (`mac1.local`, `user@10.0.0.2`) -> hostfile entries; the first line is rank 0."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not lines:
         raise ConfigError("Hosts: empty; write one host per line (mac1.local or user@10.0.0.2)")
+    if len(lines) > MAX_HOSTS:  # before any name lookup
+        raise ConfigError(f"Hosts: {len(lines)} hosts; at most {MAX_HOSTS}")
     entries = []
     for line in lines:
         if any(c.isspace() for c in line):
@@ -93,6 +63,9 @@ def hosts_to_hostfile(text: str, resolve=resolve_ipv4) -> list[dict]:
         host = line.rsplit("@", 1)[-1]
         if not host:
             raise ConfigError(f"Hosts: {line!r} has no host name after the @")
+        if not is_ssh_target(line):
+            raise ConfigError(f'Hosts: {line!r} is not a host name (host or user@host: letters, digits, ".", '
+                              '"-", "_", not starting with "-")')
         if host == "localhost":
             host = line = "127.0.0.1"  # mlx.launch runs 127.0.0.1 without ssh
         try:
@@ -118,11 +91,11 @@ def check_launch(mode: str, nproc: object, hostfile: str | None, hosts: str, bat
     elif mode == MODES[2]:
         if not hostfile:
             raise ConfigError("Hostfile: upload an mlx.launch hostfile (JSON) first")
-        text = read_hostfile(hostfile)
-        launch = Launch(hostfile_text=text, world_size=len(check_hostfile_data(json.loads(text))))
+        checked = read_hostfile(hostfile, "Hostfile", need_ips=True)
+        launch = Launch(hosts=checked, world_size=len(checked.entries))
     elif mode == MODES[3]:
-        entries = hosts_to_hostfile(hosts, resolve)
-        launch = Launch(hostfile_text=json.dumps(entries, indent=1) + "\n", world_size=len(entries))
+        checked = check_hostfile_data(hosts_to_hostfile(hosts, resolve), "Hosts", need_ips=True)
+        launch = Launch(hosts=checked, world_size=len(checked.entries))
     else:
         return Launch()
     if batch_size % launch.world_size:
@@ -135,14 +108,14 @@ def check_launch(mode: str, nproc: object, hostfile: str | None, hosts: str, bat
 def save_launch(run_dir: Path, launch: Launch) -> list[str]:
     """Write the choice into the run folder; returns the CLI arguments that launch it."""
     run_dir = Path(run_dir)
-    if launch.hostfile_text is not None:
-        (run_dir / HOSTFILE).write_text(launch.hostfile_text, encoding="utf-8")
+    if launch.hosts is not None:
+        write_hostfile(run_dir, launch.hosts)  # the checked fields only, never the uploaded text
         record = {"hosts": HOSTFILE}
     elif launch.nproc > 1:
         record = {"nproc": launch.nproc}
     else:
         return []
-    (run_dir / LAUNCH).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    atomic_write_text(run_dir / LAUNCH, json.dumps(record) + "\n")
     return launch_args(run_dir)
 
 
@@ -152,8 +125,8 @@ def launch_args(run_dir: Path) -> list[str]:
         record = json.loads((Path(run_dir) / LAUNCH).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    if record.get("hosts"):
-        return ["--hosts", str(Path(run_dir).resolve() / record["hosts"])]
+    if record.get("hosts"):  # always our own copy: launch.json names no other path
+        return ["--hosts", str(Path(run_dir).resolve() / HOSTFILE)]
     if int(record.get("nproc", 0)) > 1:
         return ["--nproc", str(int(record["nproc"]))]
     return []
