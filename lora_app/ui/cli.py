@@ -61,15 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     from starlette.middleware import Middleware
 
     from .blocks import CSS_PATH, build_app
+    from .host_guard import HostGuard, LoginLimit
     from .page_script import PageScript
 
     demo = build_app(args.runs_dir, args.models_dir)
     demo.queue(default_concurrency_limit=4)
     calm_queue(demo)
+    # Outermost first: a refused request reaches nothing else. host_guard.py gives the rule.
+    middleware = [Middleware(HostGuard, host=args.host, share_url=lambda: demo.share_url),
+                  *([Middleware(LoginLimit)] if auth else []), Middleware(PageScript)]  # page_script.py says why
     demo.launch(
         server_name=args.host, server_port=args.port, auth=auth, share=args.share,
         inbrowser=not args.no_browser, theme=gr.themes.Soft(), css_paths=[CSS_PATH] if CSS_PATH.exists() else None,
-        footer_links=["api"], app_kwargs={"middleware": [Middleware(PageScript)]},  # page_script.py says why
+        footer_links=["api"], app_kwargs={"middleware": middleware},
     )
 
 
