@@ -6,6 +6,7 @@ The same engine the app uses. Bad input gets one clear line on stderr and exit c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=0, help="Data-parallel processes on this machine.")
     train.add_argument("--hosts", help="mlx.launch hostfile (JSON) for data-parallel training over machines.")
     train.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # a rank started by mlx.launch
+    train.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the run's lock, taken by the app
     add_config_flags(train)
 
     gen = sub.add_parser("generate", help="Generate from a model, optionally with an adapter.")
@@ -149,9 +151,16 @@ def resume_overrides(args: argparse.Namespace) -> dict:
     return given
 
 
+def hold_run_lock(run_dir: Path, args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The run folder's lock, held while training (none for a rank that mlx.launch started: the launching process
+    holds it); RunError, before anything in the folder changes, when another trainer has it."""
+    if args.launched:
+        return contextlib.nullcontext()
+    return runs.lock_run(run_dir, fd=args.lock_fd)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import save_config_json
-    from .trainer import Trainer
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -159,16 +168,30 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--resume {run_dir}: not a run folder (no config.json)")
         overrides = resume_overrides(args)
         cfg = RunConfig.from_flat({**runs.read_config(run_dir), **overrides})
+    else:
+        overrides = {}
+        cfg = run_config_from_args(args)
+        if args.launched:  # rank 0 makes the folder (other ranks may be on machines that only read)
+            run_dir = Path(args.out or "")
+        else:
+            run_dir = check_new_run_dir(args.out)
+            run_dir.mkdir(parents=True, exist_ok=True)  # to be locked
+    with hold_run_lock(run_dir, args):
         if overrides and (args.nproc > 1 or args.hosts):  # the launched ranks read config.json
             save_config_json(cfg, run_dir / "config.json")
-    else:
-        cfg = run_config_from_args(args)
-        run_dir = Path(args.out or "") if args.launched else check_new_run_dir(args.out)
-    if (args.nproc > 1 or args.hosts) and not args.launched:
-        from .distributed import launch
+        if (args.nproc > 1 or args.hosts) and not args.launched:
+            from .distributed import launch
 
-        return launch(run_dir, cfg, args.nproc, args.hosts, resume=bool(args.resume))
-    trainer = Trainer(run_dir, cfg, resume=bool(args.resume))
+            return launch(run_dir, cfg, args.nproc, args.hosts, resume=bool(args.resume))
+        return train_here(run_dir, cfg, bool(args.resume))
+
+
+def train_here(run_dir: Path, cfg: RunConfig, resume: bool) -> int:
+    """This process trains the run (alone, or as one rank of a data-parallel run); its exit code."""
+    from .config import save_config_json
+    from .trainer import Trainer
+
+    trainer = Trainer(run_dir, cfg, resume=resume)
     if trainer.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config_json(cfg, run_dir / "config.json")
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (UserError, ConfigError, *USER_ERRORS) as e:
+    except (UserError, ConfigError, runs.RunError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 

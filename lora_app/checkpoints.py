@@ -16,6 +16,10 @@ from .fileio import atomic_write_json, fsync_dir, fsync_file
 PREFIX = "step_"
 
 
+class CheckpointError(ValueError):
+    """A run's checkpoints exist but none can be resumed from; one line naming each and why."""
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -89,6 +93,11 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict[str, Any]]:
 
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError("state.json has no step number")
     adapters = mx.load(str(path / "adapters.safetensors"))
+    # Weights that are NaN or inf would fail the first step, and the loss check would blame the learning rate.
+    if not all(mx.isfinite(v).all().item() for v in adapters.values()):
+        raise CheckpointError("its adapter weights are not finite (NaN or inf)")
     optimizer = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     return adapters, optimizer, state

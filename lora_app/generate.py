@@ -26,8 +26,14 @@ def stream_answer(model: Any, tokenizer: Any, prompt: str, max_tokens: int = 128
         yield response.text
 
 
-def greedy_answer(model: Any, tokenizer: Any, prompt: str, max_tokens: int = 32) -> str:
-    return "".join(stream_answer(model, tokenizer, prompt, max_tokens)).strip()
+def greedy_answer(model: Any, tokenizer: Any, prompt: str, max_tokens: int = 32, stop: Any = None) -> str:
+    """The greedy answer; generation ends early once `stop()` is true (a run asked to stop mid-probe)."""
+    pieces = []
+    for piece in stream_answer(model, tokenizer, prompt, max_tokens):
+        pieces.append(piece)
+        if stop and stop():
+            break
+    return "".join(pieces).strip()
 
 
 def load_for_generation(model: str, adapter: str | None = None, dequantize: bool | None = None) -> tuple:

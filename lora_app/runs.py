@@ -8,11 +8,16 @@ runs/<name>/
   control         "stop" or "pause", written by the UI or CLI; the trainer polls it between steps
   train.pid, train.log
 
+A run name that arrives from the page becomes a path here only (`resolve_run`): a direct child of the runs
+folder, symlinks resolved, or refused. One trainer per run folder: the training process holds an OS lock on
+the folder itself (`lock_run`) for its whole life; the OS releases it when the process dies.
+
 Imports neither mlx nor gradio, so the UI lists and follows runs without loading MLX.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -28,6 +33,11 @@ from .fileio import atomic_write_text
 
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
 TERMINAL = {"done", "stopped", "paused", "error"}
+MAX_RUN_NAME = 100  # characters; file systems refuse names past 255 bytes, and a page shows far fewer
+
+
+class RunError(ValueError):
+    """A run name or folder that cannot be used, or a run that another process is training; one line."""
 
 
 # ---- events ---------------------------------------------------------------------------------------------
@@ -133,7 +143,7 @@ def run_state(run_dir: Path, events: list[dict] | None = None) -> RunState:
             state.best_val_loss, state.best_step = e["val_loss"], e["step"]
         elif kind in ("stopped", "error"):
             state.message = e.get("message", e.get("reason", ""))
-    state.alive = pid_alive(read_pid(run_dir))
+    state.alive = pid_alive(read_pid(run_dir)) or is_locked(run_dir)  # a run started from a terminal has no pid file
     if state.status not in TERMINAL | {"new"} and not state.alive:
         state.status = "interrupted"  # the process died without saying so (killed, crashed, machine slept)
     return state
@@ -151,20 +161,47 @@ def list_runs(runs_dir: Path) -> list[RunState]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    found = [run_state(p) for p in runs_dir.iterdir() if (p / "config.json").is_file()]
+    root = runs_dir.resolve()
+    found = [run_state(p) for p in runs_dir.iterdir()
+             if p.resolve().parent == root and (p / "config.json").is_file()]  # no link to a folder elsewhere
     return sorted(found, key=lambda s: s.started or s.path.stat().st_mtime, reverse=True)
 
 
 def active_run(runs_dir: Path) -> RunState | None:
-    """The run that holds the machine now, if any (one GPU, one run)."""
-    return next((s for s in list_runs(runs_dir) if s.active), None)
+    """The run that holds the machine now, if any (one GPU, one run): one whose process is alive, also when it has
+    not said so yet (a resumed run's last status is its previous process's until the new one starts)."""
+    return next((s for s in list_runs(runs_dir) if s.alive), None)
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it can be a run folder's name (one path component, not too long), else RunError."""
+    if not name or not name.strip():
+        raise RunError("Run: no run chosen")
+    if len(name) > MAX_RUN_NAME:
+        raise RunError(f"Run name: {len(name)} characters; use at most {MAX_RUN_NAME}")
+    if name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise RunError(f"Run name {name!r}: must be a plain folder name (no slashes, no leading or trailing "
+                       "spaces, not . or ..)")
+    return name
+
+
+def resolve_run(runs_dir: Path, name: str, must_exist: bool = True) -> Path:
+    """The folder of the run called `name`: a direct child of runs_dir once symlinks are resolved, else RunError.
+    Every run name that arrives in a request goes through here before it touches the disk."""
+    root = Path(runs_dir).resolve()
+    path = (root / check_run_name(name)).resolve()
+    if path.parent != root:
+        raise RunError(f"Run {name!r}: not a folder of {root}")
+    if must_exist and not path.is_dir():
+        raise RunError(f"Run {name!r}: no such run in {root}")
+    return path
 
 
 def new_run_dir(runs_dir: Path, name: str | None = None) -> Path:
     """A fresh, empty run folder; never reuses an existing one."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    base = name or time.strftime("run-%Y%m%d-%H%M%S")
+    base = check_run_name(name) if name else time.strftime("run-%Y%m%d-%H%M%S")
     candidate, n = runs_dir / base, 1
     while True:
         try:
@@ -172,7 +209,67 @@ def new_run_dir(runs_dir: Path, name: str | None = None) -> Path:
             return candidate
         except FileExistsError:
             n += 1
-            candidate = runs_dir / f"{base}-{n}"
+            suffix = f"-{n}"
+            candidate = runs_dir / f"{base[:MAX_RUN_NAME - len(suffix)]}{suffix}"
+
+
+# ---- one trainer per run ---------------------------------------------------------------------------------
+
+class RunLock:
+    """A held lock on a run folder: an open descriptor of the folder. Closing it, or the end of the process that
+    holds it (however it ends), releases the lock."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def lock_run(run_dir: Path, fd: int | None = None, wait: float = 1.0) -> RunLock:
+    """Take the exclusive lock on the run folder, or RunError when another process holds it. `fd`: a descriptor of
+    the folder inherited from a parent that holds the lock already (the app: see start_training). Waits up to
+    `wait` seconds, as is_locked() takes the lock for an instant."""
+    if fd is None:
+        fd = os.open(run_dir, os.O_RDONLY)
+    end = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return RunLock(fd)
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                os.close(fd)
+                pid = read_pid(run_dir)
+                raise RunError(f"{Path(run_dir).name}: another process is training this run"
+                               f"{f' (pid {pid})' if pid_alive(pid) else ''}; stop or pause it first") from None
+            time.sleep(0.05)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a training process holds the run folder's lock."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
 
 
 # ---- controlling a training process ---------------------------------------------------------------------
@@ -229,19 +326,22 @@ def train_command(run_dir: Path, resume: bool = False, extra: list[str] | None =
 
 
 def start_training(run_dir: Path, resume: bool = False, extra: list[str] | None = None) -> subprocess.Popen:
-    """Start the training process for a run folder (never in the caller's process); output goes to train.log."""
+    """Start the training process for a run folder (never in the caller's process); output goes to train.log.
+    The run's lock is taken here and handed to the process, so two starts of one run cannot both begin: the
+    second gets RunError before it touches the folder."""
     run_dir = Path(run_dir)
-    clear_control(run_dir)
-    log = open(run_dir / "train.log", "ab")
-    project_root = Path(__file__).resolve().parent.parent
-    env = engine_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        train_command(run_dir, resume, extra), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env=env, cwd=project_root, start_new_session=True,  # a Ctrl-C in the app's terminal does not hit it
-    )
-    log.close()
-    atomic_write_text(run_dir / "train.pid", str(proc.pid))
+    with lock_run(run_dir) as lock:
+        clear_control(run_dir)
+        project_root = Path(__file__).resolve().parent.parent
+        env = engine_env()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root), env.get("PYTHONPATH")]))
+        command = train_command(run_dir, resume, [*(extra or []), "--lock-fd", str(lock.fileno())])
+        with open(run_dir / "train.log", "ab") as log:
+            proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=project_root,
+                pass_fds=(lock.fileno(),), start_new_session=True,  # a Ctrl-C in the app's terminal does not hit it
+            )
+        atomic_write_text(run_dir / "train.pid", str(proc.pid))
     return proc
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from . import runs
 from .adapters import adapter_config, save_adapter
 from .batching import Batch, BatchPlan, eval_batches
-from .checkpoints import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .fileio import remove_temp_files
 from .head_loss import Head, cross_entropy_sum, find_head
@@ -136,12 +136,15 @@ def build_optimizer(cfg: RunConfig, total_steps: int) -> Any:
     return optim.Adam(learning_rate=lr)
 
 
-def evaluate(model: Any, batches: list[Batch], head: Head | None = None) -> float:
-    """Token-weighted mean loss over the batches (the same masked tokens as training), over all processes."""
+def evaluate(model: Any, batches: list[Batch], head: Head | None = None, before_batch: Any = None) -> float:
+    """Token-weighted mean loss over the batches (the same masked tokens as training), over all processes.
+    `before_batch()` runs before each batch (the trainer's stop check: a long evaluation must not outlast Stop)."""
     import mlx.core as mx
 
     total, count = mx.array(0.0), mx.array(0.0)
     for batch in batches:
+        if before_batch:
+            before_batch()
         loss, ntoks = loss_fn(model, *batch_arrays(batch), head=head, differentiable=False)
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
@@ -164,6 +167,7 @@ class Trainer:
         self.signal_request: str | None = None
         self.user_error = False
         self.progress = Progress()
+        self.resumed_from: str | None = None  # the checkpoint this process started from
 
     def event(self, kind: str, **fields: Any) -> None:
         if self.rank == 0:
@@ -252,16 +256,25 @@ class Trainer:
         return last
 
     def restore(self) -> None:
-        """Load the newest checkpoint that reads back whole; an unreadable one (a disk fault) is skipped."""
+        """Load the newest checkpoint that reads back whole; an unreadable one (a disk fault) is skipped. When
+        checkpoints exist and none can be read, stop before anything is written: starting again from step 0
+        would overwrite the run's adapters."""
         from mlx.utils import tree_flatten, tree_unflatten
 
-        for checkpoint in reversed(checkpoint_dirs(self.run_dir)):
+        saved, problems = checkpoint_dirs(self.run_dir), []
+        for checkpoint in reversed(saved):
             try:
                 adapters, optimizer_state, state = load_checkpoint(checkpoint)
                 break
             except Exception as e:  # noqa: BLE001 - any read failure: fall back to the one before
-                self.event("warning", message=f"checkpoint {checkpoint.name} cannot be read ({e}); trying an older one")
+                why = " ".join(str(e).split()) or type(e).__name__
+                problems.append(f"{checkpoint.name}: {why}")
+                self.event("warning", message=f"checkpoint {checkpoint.name} cannot be read ({why}); "
+                                              "trying an older one")
         else:
+            if saved:
+                raise CheckpointError(f"cannot resume {self.run_dir.name}: none of its {len(saved)} checkpoint(s) "
+                                      f"can be read ({'; '.join(problems)}); nothing was changed")
             return  # nothing saved yet: start from the beginning
         self.model.load_weights(list(adapters.items()), strict=False)
         # Fill the freshly initialised state tree leaf by leaf, so its structure stays what compile captured.
@@ -271,6 +284,7 @@ class Trainer:
         self.progress = Progress(step=state["step"], trained_tokens=state.get("trained_tokens", 0),
                                  best_val_loss=state.get("best_val_loss"), best_step=state.get("best_step"),
                                  evals_since_best=state.get("evals_since_best", 0))
+        self.resumed_from = checkpoint.name
         self.event("info", message=f"resumed from {checkpoint.name}", step=self.progress.step)
 
     def init_from_adapter(self) -> None:
@@ -357,6 +371,7 @@ class Trainer:
         import mlx.core as mx
 
         t, p = self.cfg.train, self.progress
+        self.start_step = p.step + 1  # the first step this process takes
         step_fn, state = self.compiled_step()
         self.model.train()
         losses: list[tuple[int, Any]] = []  # (step, loss) since the last report, read back only then
@@ -478,11 +493,18 @@ class Trainer:
         if bad is None:
             return
         step, value = bad
-        last = self.roll_back(step)
-        kept = f"the last good checkpoint is {last.name}" if last else "no good checkpoint had been saved yet"
-        message = (f"loss became {value} at step {step}; {kept}. "
-                   f"Lower the learning rate (now {self.cfg.train.learning_rate:g}) or enable "
-                   "gradient clipping, then resume or start again.")
+        if step == self.start_step:  # no update has happened yet: the starting point is at fault, and it is kept
+            start = (f"checkpoint {self.resumed_from}" if self.resumed_from else
+                     f"the adapter in {self.cfg.lora.init_adapter}" if self.cfg.lora.init_adapter else "the base model")
+            message = (f"loss was {value} at step {step}, the first step of this process, before any update: "
+                       f"the starting weights ({start}) or the data give a non-finite loss, not the learning rate. "
+                       "Nothing was changed.")
+        else:
+            last = self.roll_back(step)
+            kept = f"the last good checkpoint is {last.name}" if last else "no good checkpoint had been saved yet"
+            message = (f"loss became {value} at step {step}; {kept}. "
+                       f"Lower the learning rate (now {self.cfg.train.learning_rate:g}) or enable "
+                       "gradient clipping, then resume or start again.")
         self.event("error", message=message, step=step)
         raise StopTraining("error", message)
 
@@ -501,7 +523,7 @@ class Trainer:
 
     def validate(self, step: int) -> None:
         self.model.eval()
-        val_loss = evaluate(self.model, self.val, self.head)
+        val_loss = evaluate(self.model, self.val, self.head, before_batch=partial(self.stop_if_asked, step))
         self.model.train()
         self.event("val", step=step, val_loss=val_loss)
         self.log(f"step {step} validation loss {val_loss:.4f}")
@@ -527,7 +549,9 @@ class Trainer:
 
         self.model.eval()
         for prompt in self.cfg.train.probe_prompts[:5]:
-            answer = greedy_answer(self.model, self.tokenizer, prompt, self.cfg.train.probe_max_tokens)
+            answer = greedy_answer(self.model, self.tokenizer, prompt, self.cfg.train.probe_max_tokens,
+                                   stop=self.stop_wished)
+            self.stop_if_asked(step)  # an answer cut short by Stop is not a sample
             self.event("sample", step=step, prompt=prompt, answer=answer)
         self.model.train()
 
@@ -550,6 +574,20 @@ class Trainer:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    def stop_wished(self) -> bool:
+        """This process's own view of a stop or pause request (no agreement between processes: cheap, for
+        ending a probe's generation early; stop_if_asked then ends the run on every process together)."""
+        return bool(self.signal_request or (self.rank == 0 and runs.read_control(self.run_dir)))
+
+    def stop_if_asked(self, step: int) -> None:
+        """End the run now when a stop or pause was asked for during an evaluation or the probes, keeping the
+        weights of `step` (at step 0 nothing was trained, so nothing is saved)."""
+        control = self.control_request()
+        if control:
+            if step:
+                self.save(step)
+            raise StopTraining(*control)
 
     def control_request(self) -> tuple[str, str] | None:
         """('stopped' | 'paused', message) when a stop or pause was asked for; agreed on by all processes."""

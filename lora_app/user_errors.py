@@ -1,11 +1,12 @@
 """The exceptions that mean "bad input": shown to the user as one plain line, never as a traceback."""
 
 from .adapters import AdapterError
+from .checkpoints import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .export import ExportError
 from .lora import LoraError
 from .models import ModelError
 
-USER_ERRORS: tuple[type[Exception], ...] = (AdapterError, ConfigError, DataError, ExportError, LoraError,
-                                             ModelError)
+USER_ERRORS: tuple[type[Exception], ...] = (AdapterError, CheckpointError, ConfigError, DataError, ExportError,
+                                             LoraError, ModelError)

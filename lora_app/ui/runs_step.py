@@ -27,34 +27,41 @@ def refresh(ctx: Context) -> tuple:
 
 
 def open_run(ctx: Context, name: str | None) -> tuple[str, str]:
-    if not name or not (ctx.runs_dir / name).is_dir():
-        gr.Warning("Open: choose a run from the list.")
-        return gr.skip(), "⚠️ choose a run"
+    try:
+        runs.resolve_run(ctx.runs_dir, name or "")
+    except runs.RunError as e:
+        gr.Warning(f"Open: {e}; choose a run from the list.")
+        return gr.skip(), f"⚠️ {e}"
     return name, f"Opened **{name}**: its curve is in the Train step."
 
 
 def export_run_yaml(ctx: Context, name: str | None) -> str | None:
-    if not name:
-        gr.Warning("Export YAML: choose a run.")
-        return None
     try:
-        text = export_yaml(RunConfig.from_flat(runs.read_config(ctx.runs_dir / name)))
+        run_dir = runs.resolve_run(ctx.runs_dir, name or "")
+        text = export_yaml(RunConfig.from_flat(runs.read_config(run_dir)))
+    except runs.RunError as e:
+        gr.Warning(f"Export YAML: {e}")
+        return None
     except ConfigError as e:
         gr.Warning(f"Export YAML of {name}: {e}")
         return None
-    path = Path(tempfile.mkdtemp(prefix="lora_app_")) / f"{name}.yaml"
+    path = Path(tempfile.mkdtemp(prefix="lora_app_")) / f"{run_dir.name}.yaml"
     path.write_text(text, encoding="utf-8")
     return str(path)
 
 
 def compare(ctx: Context, names: list[str] | None, x: str, log_scale: bool, smoothing: float) -> tuple:
-    names = [n for n in names or [] if (ctx.runs_dir / n).is_dir()]
-    if len(names) < 2:
+    try:
+        folders = {n: runs.resolve_run(ctx.runs_dir, n) for n in dict.fromkeys(names or [])}
+    except runs.RunError as e:
+        gr.Warning(f"Compare: {e}")
+        return gr.skip(), gr.skip(), None
+    if len(folders) < 2:
         gr.Warning("Compare: choose at least two runs.")
         return gr.skip(), gr.skip(), None
-    curves = {n: curve_points(CACHE.events(ctx.runs_dir / n)) for n in names}
+    curves = {n: curve_points(CACHE.events(folder)) for n, folder in folders.items()}
     frame = compare_frame(curves, "tokens" if x == "tokens seen" else "step", log_scale, smoothing)
-    diff = config_diff({n: runs.read_config(ctx.runs_dir / n) for n in names})
+    diff = config_diff({n: runs.read_config(folder) for n, folder in folders.items()})
     y = "log10 loss" if log_scale else "loss"
     legend = sorted(set(frame["curve"]))
     return gr.update(value=frame, x=frame.columns[0], y_title=y, colors_in_legend=legend), diff, frame

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from .. import runs
-from ..config import ConfigError, save_config_json
+from ..config import ConfigError, RunConfig, save_config_json
 from . import launch, timeline
 from .context import Context, warned
 from .loss_plot import HOVER_JS, loss_svg
@@ -28,6 +29,7 @@ FOLLOW_CHECK_S, FOLLOW_GAP_S, FOLLOW_BEAT_S = 0.1, 0.8, 10.0
 FOLLOWING: dict[str | None, object] = {}
 PLOT_POINTS = 200  # per series in the live loss plot: each is redrawn on every update (timeline.thin)
 ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
+STARTING = threading.Lock()  # held from the "no run is active" check until the new process holds its run's lock
 
 
 # ---- handlers ------------------------------------------------------------------------------------------
@@ -35,9 +37,6 @@ ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
 def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
     """Write the run folder and start its training process; refused while another run is active.
     `values`: the form (FORM_KEYS), then the launch choice (mode, processes, hostfile, hosts)."""
-    active = runs.active_run(ctx.runs_dir)
-    if active:
-        return gr.skip(), warned(ONE_RUN.format(name=active.name))
     try:
         config = form_to_config(dict(zip(FORM_KEYS, values)))
     except ConfigError as e:
@@ -45,18 +44,26 @@ def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
     mode, nproc, hostfile, hosts = (*values[len(FORM_KEYS):], launch.MODES[0], 2, None, "")[:4]
     try:
         choice = launch.check_launch(mode, nproc, hostfile, hosts, config.train.batch_size)
-    except ConfigError as e:
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in (name or "").strip()).strip(".")
+        safe = runs.check_run_name(safe) if safe else None
+    except (ConfigError, runs.RunError) as e:
         return gr.skip(), warned(str(e))
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in (name or "").strip()).strip(".")
-    run_dir = runs.new_run_dir(ctx.runs_dir, safe or None)
-    save_config_json(config, run_dir / "config.json")
-    runs.start_training(run_dir, extra=launch.save_launch(run_dir, choice))
+    with STARTING:  # the check and the start as one: three Starts at once start one run
+        active = runs.active_run(ctx.runs_dir)
+        if active:
+            return gr.skip(), warned(ONE_RUN.format(name=active.name))
+        run_dir = runs.new_run_dir(ctx.runs_dir, safe)
+        save_config_json(config, run_dir / "config.json")
+        runs.start_training(run_dir, extra=launch.save_launch(run_dir, choice))
     where = f" on {choice.world_size} processes" if choice.world_size > 1 else ""
     return run_dir.name, f"Started **{run_dir.name}**{where} (folder `{run_dir}`)."
 
 
 def control_run(ctx: Context, current: str, action: str) -> str:
-    state = runs.run_state(ctx.runs_dir / current) if current else None
+    try:
+        state = runs.run_state(runs.resolve_run(ctx.runs_dir, current)) if current else None
+    except runs.RunError as e:
+        return warned(str(e))
     if state is None or not state.active:
         return warned(f"No run is training now; nothing to {action}.")
     runs.request(state.path, action)
@@ -64,16 +71,28 @@ def control_run(ctx: Context, current: str, action: str) -> str:
 
 
 def resume_run(ctx: Context, current: str) -> tuple[str, str]:
-    if not current or not (ctx.runs_dir / current / "config.json").is_file():
+    """Start the shown run's training process again from its newest checkpoint, launched as it was started.
+    What can be checked here is, so that a refusal shows on the page and not only in train.log."""
+    try:
+        run_dir = runs.resolve_run(ctx.runs_dir, current) if current else None
+    except runs.RunError as e:
+        return gr.skip(), warned(f"Resume: {e}")
+    if run_dir is None or not (run_dir / "config.json").is_file():
         return gr.skip(), warned("Resume: open a run first (Runs tab).")
-    active = runs.active_run(ctx.runs_dir)
-    if active:
-        return gr.skip(), warned(ONE_RUN.format(name=active.name))
-    state = runs.run_state(ctx.runs_dir / current)
-    if state.status == "done":
-        gr.Warning(f"Resume: {current} is finished; raise Iterations and start a new run instead.")
-        return gr.skip(), f"⚠️ {current} is finished."
-    runs.start_training(state.path, resume=True, extra=launch.launch_args(state.path))  # as it was started
+    try:
+        RunConfig.from_flat(runs.read_config(run_dir))
+    except ConfigError as e:
+        return gr.skip(), warned(f"Resume {current}: its config.json cannot be used ({e})")
+    with STARTING:
+        active = runs.active_run(ctx.runs_dir)
+        if active:
+            return gr.skip(), warned(ONE_RUN.format(name=active.name))
+        if runs.run_state(run_dir).status == "done":
+            return gr.skip(), warned(f"Resume: {current} is finished; raise Iterations and start a new run instead.")
+        try:
+            runs.start_training(run_dir, resume=True, extra=launch.launch_args(run_dir))  # as it was started
+        except runs.RunError as e:
+            return gr.skip(), warned(f"Resume: {e}")
     return current, f"Resuming **{current}** from its newest checkpoint."
 
 
@@ -95,9 +114,10 @@ def poll(ctx: Context, current: str, seen: list | None) -> tuple:
     """Everything the live view shows, from the run folder, and the version shown; skipped when nothing changed.
     The sample table is skipped too while its probes are the ones shown: the page redraws a table on each update,
     15-20 ms of its CPU a second while a run reports (bench/page_cpu.py)."""
-    if not current or not (ctx.runs_dir / current).is_dir():
+    try:
+        run_dir = runs.resolve_run(ctx.runs_dir, current)
+    except runs.RunError:
         return nothing_new(seen)
-    run_dir = ctx.runs_dir / current
     events = CACHE.events(run_dir)
     state = runs.run_state(run_dir, events)
     log = timeline.log_tail(run_dir)
@@ -122,7 +142,7 @@ def folder_mark(run_dir: Path) -> tuple:
             marks.append((st.st_size, st.st_mtime_ns))
         except OSError:
             marks.append(None)
-    return (*marks, runs.pid_alive(runs.read_pid(run_dir)))
+    return (*marks, runs.pid_alive(runs.read_pid(run_dir)) or runs.is_locked(run_dir))
 
 
 def shown(ctx: Context, current: str, seen: list | None) -> tuple:
@@ -142,13 +162,15 @@ async def follow(ctx: Context, current: str, seen: list | None, session: str | N
     gr.Timer): each poll cost the server ~18 ms of gradio's request handling and the page ~20 ms, with nothing
     new too, CPU taken from a training run on a CPU-only machine (bench/RESULTS.md). Looking at an unchanged
     folder here costs a few stat calls."""
-    if not current:
+    try:
+        run_dir = runs.resolve_run(ctx.runs_dir, current)
+    except runs.RunError:
         return
     me = FOLLOWING[session] = object()
     try:
         mark, said = object(), time.monotonic()  # mark: the folder as last looked at (not yet)
         while FOLLOWING.get(session) is me:
-            now = folder_mark(ctx.runs_dir / current)
+            now = folder_mark(run_dir)
             if now != mark:
                 mark, out = now, shown(ctx, current, seen)
                 # poll() answers the `seen` it was given when nothing shown changed; None: a failed read's warning
