@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--out", required=True)
     demo_data.add_argument("--seed", type=int, default=0)
 
+    pre = sub.add_parser("preview", help="The Data step's preview: the first rows token by token, statistics.")
+    pre.add_argument("--model", required=True, help="Model whose tokenizer (and chat template) to use.")
+    pre.add_argument("--data", required=True)
+    pre.add_argument("--data-format", default="auto")
+    pre.add_argument("--valid-fraction", type=float, default=0.1)
+    pre.add_argument("--mask-prompt", action="store_true")
+    pre.add_argument("--skip-bad-rows", action="store_true")
+    pre.add_argument("--max-seq-length", type=int, default=2048)
+    pre.add_argument("--batch-size", type=int, default=4)
+    pre.add_argument("--rows", type=int, default=3, help="Rows shown token by token (at most 20).")
+    pre.add_argument("--json", action="store_true", help="Print JSON (what the app reads).")
+
     for name, text in (("stop", "Stop a run (saves the adapter)."), ("pause", "Pause a run (resume later).")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir")
@@ -252,6 +264,30 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    """The Data step's preview, in its own process (the app runs it): a big dataset's memory and time stay here."""
+    from .data import format_statistics, preview_report
+    from .models import resolve_model
+
+    cfg = RunConfig.from_flat({"data": args.data, "data_format": args.data_format, "mask_prompt": args.mask_prompt,
+                               "valid_fraction": args.valid_fraction, "skip_bad_rows": args.skip_bad_rows,
+                               "max_seq_length": args.max_seq_length, "batch_size": args.batch_size})
+    from transformers import AutoTokenizer  # the tokenizer alone: no model weights, no MLX
+
+    model = resolve_model(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.model}: cannot load its tokenizer ({(str(e) or repr(e)).splitlines()[0]})") from None
+    report = preview_report(cfg.data, tokenizer, cfg.train.max_seq_length, cfg.train.batch_size,
+                            n_rows=max(0, min(args.rows, 20)))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_statistics(report["statistics"]), *(f"- {n}" for n in report["notes"]), sep="\n")
+    return 0
+
+
 def cmd_control(args: argparse.Namespace) -> int:
     state = runs.run_state(Path(args.run_dir))
     if not state.active:
@@ -270,7 +306,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "inspect": cmd_inspect,
             "export": cmd_export, "demo-model": cmd_demo_model, "demo-data": cmd_demo_data,
-            "stop": cmd_control, "pause": cmd_control, "runs": cmd_runs}
+            "preview": cmd_preview, "stop": cmd_control, "pause": cmd_control, "runs": cmd_runs}
 
 
 def reexec_with_openblas(argv: list[str]) -> None:

@@ -11,8 +11,9 @@ Formats: text, completions (prompt/completion), chat (messages), instruction (in
 from __future__ import annotations
 
 import os
+import reprlib
 import statistics as stats
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import DataConfig
@@ -27,6 +28,11 @@ FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "o
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function": "tool", "observation": "tool"}
 SKIP_HINT = "Fix these rows, or skip them with --skip-bad-rows (the 'Skip bad rows' box in the app)."
+# The Data step's statistics tokenize at most this many rows / tokens per split: tokenizing a 200 MB file took
+# minutes and gigabytes; the first rows tell the shape of a dataset, and training checks every row anyway.
+SAMPLE_ROWS = 2000
+SAMPLE_TOKENS = 2_000_000
+SHOWN_TOKENS = 4096  # tokens of one row the preview decodes and sends to the page (a long document has 100k+)
 
 
 @dataclass
@@ -37,6 +43,7 @@ class LoadedData:
     format: str = ""
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    sampled: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> (rows checked, rows) when cut
 
 
 @dataclass
@@ -49,23 +56,28 @@ class PreviewRow:
     trained: int = 0
     cut: int = 0  # tokens past max_seq_length, dropped by truncation
     problem: str = ""
+    hidden: int = 0  # kept tokens not shown (past SHOWN_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_data(cfg: DataConfig, tokenizer: Any, *, batch_size: int = 1, source: Source | None = None) -> LoadedData:
+def load_data(cfg: DataConfig, tokenizer: Any, *, batch_size: int = 1, source: Source | None = None,
+              sample: tuple[int, int] | None = None) -> LoadedData:
     """Read (unless `source` was read already), check and tokenize every split; raise DataError (all problems, up
-    to 20) instead of half a dataset."""
+    to 20) instead of half a dataset. `sample` (rows, tokens) checks only the first rows of each split (the
+    Data step's statistics); `sampled` then says how many."""
     source = source or read_source(cfg)
     fmt, note = choose_format(cfg, source)
     loaded = LoadedData(train=[], format=fmt, notes=source.notes + [note])
     loaded.notes += template_notes(fmt, tokenizer)
     bad_rows = []
     for split, rows in source.rows.items():
-        examples, bad = tokenize_rows(rows, fmt, cfg, tokenizer)
+        examples, bad, checked = tokenize_rows(rows, fmt, cfg, tokenizer, sample)
         setattr(loaded, split, examples)
         bad_rows += bad
+        if checked < len(rows):
+            loaded.sampled[split] = (checked, len(rows))
     problems = [f"{row.where}: {problem}" for row, problem in sorted(bad_rows, key=source.order)]
     if problems and not cfg.skip_bad_rows:
         raise DataError(problems, hint=SKIP_HINT)
@@ -76,16 +88,22 @@ def load_data(cfg: DataConfig, tokenizer: Any, *, batch_size: int = 1, source: S
     return loaded
 
 
-def tokenize_rows(rows: list[Row], fmt: str, cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list]:
-    """The examples of the good rows, and (row, problem) for the others."""
-    examples, problems = [], []
-    for row in rows:
+def tokenize_rows(rows: list[Row], fmt: str, cfg: DataConfig, tokenizer: Any,
+                  sample: tuple[int, int] | None = None) -> tuple[list[Example], list, int]:
+    """The examples of the good rows, (row, problem) for the others, and how many rows were checked: all, or
+    with `sample` (rows, tokens) the first ones until either budget is spent."""
+    max_rows, max_tokens = sample or (len(rows), float("inf"))
+    examples, problems, tokens = [], [], 0
+    for checked, row in enumerate(rows):
+        if checked >= max_rows or tokens >= max_tokens:
+            return examples, problems, checked
         example, problem = row_example(row, fmt, cfg, tokenizer)
         if problem:
             problems.append((row, problem))
         else:
             examples.append(example)
-    return examples, problems
+            tokens += len(example[0])
+    return examples, problems, len(rows)
 
 
 def row_example(row: Row, fmt: str, cfg: DataConfig, tokenizer: Any) -> tuple[Example | None, str]:
@@ -103,7 +121,8 @@ def row_example(row: Row, fmt: str, cfg: DataConfig, tokenizer: Any) -> tuple[Ex
 
 
 def check_sizes(loaded: LoadedData, source: Source, batch_size: int) -> None:
-    n = len(loaded.train)
+    checked, total = loaded.sampled.get("train", (0, 0))
+    n = len(loaded.train) + total - checked  # rows not checked (a sample) count as usable here
     if n < batch_size:
         raise DataError([(f"{source.names['train']}: {n} usable training row(s), fewer than the batch size "
                          f"{batch_size}; add rows or lower the batch size")])
@@ -225,8 +244,9 @@ def messages_problem(messages: Any, mask_prompt: bool) -> str:
         if not isinstance(m, dict):
             return f"message {i} is not an object with role and content"
         role = m.get("role")
-        if role not in ROLES:
-            return f"message {i} has role {role!r}, which the chat template does not accept ({', '.join(ROLES)})"
+        if role not in ROLES:  # reprlib: a role can be any JSON value, of any length
+            return (f"message {i} has role {reprlib.repr(role)}, which the chat template does not accept "
+                    f"({', '.join(ROLES)})")
         content = m.get("content")
         if content is None and m.get("tool_calls"):
             continue
@@ -336,11 +356,26 @@ def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: in
             out.append(PreviewRow(row.where, [], problem=problem))
             continue
         tokens, weights = example
-        kept = tokens[:max_seq_length]
-        segments = list(zip(token_texts(tokenizer, kept), [bool(w) for w in weights[:max_seq_length]]))
-        out.append(PreviewRow(row.where, segments, len(tokens), sum(weights[:max_seq_length]),
-                              max(0, len(tokens) - max_seq_length)))
+        kept = min(len(tokens), max_seq_length)
+        shown = min(kept, SHOWN_TOKENS)
+        segments = list(zip(token_texts(tokenizer, tokens[:shown]), [bool(w) for w in weights[:shown]]))
+        out.append(PreviewRow(row.where, segments, len(tokens), sum(weights[:kept]), len(tokens) - kept,
+                              hidden=kept - shown))
     return out
+
+
+def preview_report(cfg: DataConfig, tokenizer: Any, max_seq_length: int, batch_size: int,
+                   n_rows: int = 3) -> dict[str, Any]:
+    """What the Data step shows, as JSON: the first rows token by token, statistics over the first rows
+    (SAMPLE_ROWS / SAMPLE_TOKENS), notes, and probe prompts from the first validation rows. `python -m lora_app
+    preview` runs it, so the page's process never holds a whole dataset."""
+    from .probes import default_probe_prompts  # probes imports this module
+
+    source = read_source(cfg)
+    rows = preview(cfg, tokenizer, n_rows, max_seq_length, source=source)
+    loaded = load_data(cfg, tokenizer, batch_size=batch_size, source=source, sample=(SAMPLE_ROWS, SAMPLE_TOKENS))
+    return {"rows": [asdict(r) for r in rows], "statistics": statistics(loaded, max_seq_length),
+            "notes": loaded.notes, "prompts": default_probe_prompts(cfg, source=source)}
 
 
 def token_texts(tokenizer: Any, tokens: list[int], context: int = 8) -> list[str]:
@@ -360,7 +395,7 @@ def statistics(loaded: LoadedData, max_seq_length: int) -> dict[str, Any]:
     """Rows per split and, for the training split, tokens per row, trained tokens and truncation."""
     lengths = [len(tokens) for tokens, _ in loaded.train]
     cuts = [n - max_seq_length for n in lengths if n > max_seq_length]
-    return {
+    s = {
         "format": loaded.format,
         "rows": {split: len(getattr(loaded, split)) for split in SPLITS},
         "skipped": loaded.skipped,
@@ -375,6 +410,17 @@ def statistics(loaded: LoadedData, max_seq_length: int) -> dict[str, Any]:
         "longest_cut": max(cuts, default=0),
         "tokens_per_epoch": sum(min(n, max_seq_length) for n in lengths),
     }
+    return s | sample_statistics(loaded, s) if loaded.sampled else s
+
+
+def sample_statistics(loaded: LoadedData, s: dict[str, Any]) -> dict[str, Any]:
+    """When only the first rows were tokenized: rows per split as in the files, how many were checked, and the
+    sums (tokens, trained tokens, long rows) scaled from the checked rows to all rows; min/median/max stay."""
+    rows = {split: loaded.sampled.get(split, (0, len(getattr(loaded, split))))[1] for split in SPLITS}
+    checked, total = loaded.sampled.get("train", (1, 1))
+    sums = ("tokens", "trained_tokens", "long_rows", "tokens_cut", "tokens_per_epoch")
+    return {"rows": rows, "sampled": {split: list(v) for split, v in loaded.sampled.items()},
+            **{key: round(s[key] * total / max(checked, 1)) for key in sums}}
 
 
 def format_statistics(s: dict[str, Any]) -> str:
@@ -393,6 +439,10 @@ def format_statistics(s: dict[str, Any]) -> str:
         f"| Longer than {s['max_seq_length']:,} tokens | {long} |",
         f"| Tokens per epoch | about {s['tokens_per_epoch']:,} |",
     ]
+    if s.get("sampled"):
+        checked = " · ".join(f"the first {n:,} of {total:,} {split} rows" for split, (n, total) in s["sampled"].items())
+        lines.insert(4, f"| Tokens counted in | {checked}; sums are estimated for all rows (training checks "
+                        "every row) |")
     if s["skipped"]:
         lines.append(f"| Skipped bad rows | {s['skipped']:,} |")
     return "\n".join(lines)

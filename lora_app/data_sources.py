@@ -10,6 +10,8 @@ import io
 import json
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,13 @@ SPLIT_FILES = {"train": ("train",), "valid": ("valid", "validation"), "test": ("
 HF_VALID_SPLITS = ("validation", "valid", "val", "dev")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 MAX_PROBLEMS = 20
+# Levels of lists/objects in one row. Real rows need a handful (a tool call's JSON schema perhaps 10); deeper data
+# only hits Python's recursion limit later (json, chat templates, repr), so it is refused here, as a row problem.
+MAX_NESTING = 100
+TOO_DEEP = f"nested too deeply (more than {MAX_NESTING} levels of lists/objects)"
+# One CSV field. Long documents are legitimate training text, so the bound is generous; it exists because the csv
+# parser grows a field's buffer at 4 bytes a character, and without it one field could take any amount of memory.
+MAX_FIELD_CHARS = 8 * 1024 * 1024
 DEMO_DATA = Path(__file__).parent.parent / "assets" / "demo_data"
 
 
@@ -32,6 +41,8 @@ class DataError(ValueError):
         lines = list(self.problems)
         if self.total > MAX_PROBLEMS:
             lines.append(f"... and {self.total - MAX_PROBLEMS} more problems")
+        if hint and len(lines) == 1:  # one problem stays one line (the CLI prints it as one 'error:' line)
+            lines, hint = [f"{lines[0]}. {hint}"], ""
         super().__init__("\n".join(lines + ([hint] if hint else [])))
 
 
@@ -188,8 +199,8 @@ def hf_splits(cfg: DataConfig, name: str, loaded: Any) -> Source:
         chosen["valid"] = (valid, loaded[valid].to_list())
     if "test" in available and split != "test":
         chosen["test"] = ("test", loaded["test"].to_list())
-    rows = {k: [Row(f"{name} [{s}]", i, r, unit="row") for i, r in enumerate(data, 1)] for k, (s, data) in
-            chosen.items()}
+    rows = {k: checked([Row(f"{name} [{s}]", i, r, unit="row") for i, r in enumerate(data, 1)])
+            for k, (s, data) in chosen.items()}
     names = {k: f"{name} [{s}]" for k, (s, _) in chosen.items()}
     notes = [f"data: Hugging Face dataset {name}, splits {', '.join(f'{k}={s}' for k, (s, _) in chosen.items())}"]
     if "valid" not in rows:
@@ -232,45 +243,148 @@ def read_rows(path: Path) -> list[Row]:
 def read_jsonl(path: Path, raw: bytes) -> list[Row]:
     rows = []
     for number, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        row = Row(str(path), number)
-        try:
-            row.data = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
-        except UnicodeDecodeError as e:
-            row.problem = not_utf8(e)
-        except json.JSONDecodeError as e:
-            row.problem = f"not valid JSON ({e.msg} at column {e.colno})"
-        rows.append(row)
+        if line.strip():
+            data, problem = parse_line(line, number == 1)
+            rows.append(Row(str(path), number, data, problem))
     return rows
+
+
+def parse_line(line: bytes, first: bool) -> tuple[Any, str]:
+    """One JSON Lines row, or the reason it cannot be read."""
+    try:
+        data = json.loads(line.decode("utf-8-sig" if first else "utf-8"))
+    except UnicodeDecodeError as e:
+        return None, not_utf8(e)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:  # json gives up at Python's recursion limit (about 1000 levels)
+        return None, TOO_DEEP
+    # counting brackets is fast C; only a line with many of them can be too deep, so only those are walked
+    if line.count(b"[") + line.count(b"{") > MAX_NESTING and nesting_problem(data):
+        return None, TOO_DEEP
+    return data, ""
 
 
 def read_json(path: Path, raw: bytes) -> list[Row]:
     text = decode(path, raw)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         if len(text.strip().splitlines()) > 1 and text.lstrip().startswith("{"):
             return read_jsonl(path, raw)  # JSON Lines saved as .json, which the datasets library accepts too
+        if isinstance(e, RecursionError):  # one document: it cannot be split into rows
+            raise DataError([f"{path}: cannot be read: {TOO_DEEP}"]) from None
         raise DataError([f"{path}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"]) from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}
     if not isinstance(data, list):
         raise DataError([f"{path}: expected a list of objects, got a JSON {type(data).__name__}"])
-    return [Row(str(path), i, item, unit="row") for i, item in enumerate(data, 1)]
+    return checked([Row(str(path), i, item, unit="row") for i, item in enumerate(data, 1)])
+
+
+def checked(rows: list[Row]) -> list[Row]:
+    """Mark rows nested too deeply (from a .json list, parquet or the datasets library) as bad rows."""
+    for row in rows:
+        if not row.problem and nesting_problem(row.data):
+            row.data, row.problem = None, TOO_DEEP
+    return rows
+
+
+def nesting_problem(value: Any) -> str:
+    """TOO_DEEP when lists/objects nest more than MAX_NESTING levels, else ''. Iterative, so it cannot hit the
+    recursion limit itself."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if children and depth > MAX_NESTING:
+            return TOO_DEEP
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return ""
 
 
 def read_csv(path: Path, text: str) -> list[Row]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    rows, line = [], reader.line_num
-    for record in reader:
-        row = Row(str(path), line + 1, record)
-        if None in record:
-            row.problem = f"{len(header) + len(record[None])} fields, but the header has {len(header)}"
-        rows.append(row)
-        line = reader.line_num
+    """Rows keyed by the header. A record the csv module refuses (a field over MAX_FIELD_CHARS) is a bad row, and
+    reading goes on after it."""
+    stream = io.StringIO(text, newline="")
+    reader = csv.reader(stream)
+    rows: list[Row] = []
+    with csv_field_limit(MAX_FIELD_CHARS):
+        try:
+            header = next(reader, [])
+        except csv.Error as e:
+            raise DataError([f"{path}: line 1 (the header): {csv_problem(e)}"]) from None
+        line, seen = 1, 0
+        while True:
+            start = stream.tell()
+            # the record's first line, counted here: after a refused record, reader.line_num is off
+            line += text.count("\n", seen, start)
+            seen = start
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                rows.append(Row(str(path), line, problem=csv_problem(e)))
+                # the reader stops mid-record; its rest (a quoted field may span lines) must not become rows
+                stream.seek(record_end(text, start))
+                continue
+            if values:  # a blank line is no row
+                rows.append(csv_row(path, line, header, values))
     return rows
+
+
+def csv_row(path: Path, line: int, header: list[str], values: list[str]) -> Row:
+    """As csv.DictReader makes it: missing fields are None; extra fields make the row bad."""
+    row = Row(str(path), line, {**dict.fromkeys(header), **dict(zip(header, values))})
+    if len(values) > len(header):
+        row.problem = f"{len(values)} fields, but the header has {len(header)}"
+    return row
+
+
+@contextmanager
+def csv_field_limit(limit: int) -> Iterator[None]:
+    """The csv module's field limit is process-wide: set ours while reading, then put the old one back."""
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def csv_problem(e: csv.Error) -> str:
+    if "field limit" in str(e):
+        return (f"a field is longer than {MAX_FIELD_CHARS:,} characters; split the text into several rows "
+                "or use .jsonl")
+    return f"not valid CSV ({e})"
+
+
+CSV_FIELD_END = re.compile(r"[,\r\n]")
+
+
+def record_end(text: str, start: int) -> int:
+    """Where the CSV record that begins at `start` ends (past its line break), read as the default dialect does:
+    a field that starts with a quote runs to the next quote that is not doubled, and may span lines."""
+    i = start
+    while i < len(text):
+        if text[i] == '"':
+            i = quoted_field_end(text, i + 1)
+        match = CSV_FIELD_END.search(text, i)
+        if match is None:
+            return len(text)
+        i = match.end()
+        if match[0] != ",":
+            return i + 1 if match[0] == "\r" and text.startswith("\n", i) else i
+    return len(text)
+
+
+def quoted_field_end(text: str, i: int) -> int:
+    """The index after the closing quote of a quoted field whose text starts at i ("" is a quote inside)."""
+    while (j := text.find('"', i)) >= 0:
+        if not text.startswith('"', j + 1):
+            return j + 1
+        i = j + 2
+    return len(text)
 
 
 def read_parquet(path: Path) -> list[Row]:
@@ -280,7 +394,7 @@ def read_parquet(path: Path) -> list[Row]:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - any arrow error means the file cannot be used
         raise DataError([f"{path}: not a readable parquet file ({e})"]) from None
-    return [Row(str(path), i, r, unit="row") for i, r in enumerate(table.to_pylist(), 1)]
+    return checked([Row(str(path), i, r, unit="row") for i, r in enumerate(table.to_pylist(), 1)])
 
 
 def decode(path: Path, raw: bytes) -> str:

@@ -141,6 +141,13 @@ CLI_CASES = [
      and train(k, "--hosts", str(k.bad / "hosts-ssh.json")), 'entry 1: "ssh" "-oProxyCommand=touch /tmp/x" is not'),
     ("hosts-bad-ip", lambda k: (k.bad / "hosts-ip.json").write_text('[{"ssh": "mac1", "ips": ["10.0.0.300"]}]')
      and train(k, "--hosts", str(k.bad / "hosts-ip.json")), 'entry 1: "ips" "10.0.0.300" is not an IP address'),
+    # Datasets past the parsers' limits (issue 23): one bad row named by file and line, not a RecursionError/csv.Error.
+    ("data-nested-jsonl", lambda k: train(k, "--data", str(bad_dataset(k, "nested", "train.jsonl", '{"text": "a b"}\n'
+     * 4 + "[" * 100_000 + "]" * 100_000 + "\n"))), "train.jsonl: line 5: nested too deeply (more than 100 levels"),
+    ("data-nested-json", lambda k: train(k, "--data", str(bad_dataset(k, "nested-json", "train.json", "[" * 100_000
+     + "]" * 100_000))), "train.json: cannot be read: nested too deeply"),
+    ("data-csv-huge-field", lambda k: train(k, "--data", str(bad_dataset(k, "huge-field", "train.csv", "text\n"
+     + "a b\n" * 4 + "x" * 9_000_000 + "\n"))), "train.csv: line 6: a field is longer than 8,388,608 characters"),
 ]
 
 
@@ -196,3 +203,11 @@ def test_bad_dataset_rows_are_refused(name: str, expected: str, kit: Kit) -> Non
     message = user_error(lambda: load_data(DataConfig(data=str(kit.bad / f"data-{name}")), tokenizer, batch_size=1))
     assert expected in message and f"data-{name}" in message
     assert_nothing_changed(kit)
+
+
+def bad_dataset(k: Kit, name: str, file: str, text: str) -> Path:
+    """A dataset folder in the kit's bad inputs, written when its case runs."""
+    folder = k.bad / f"data-{name}"
+    folder.mkdir(exist_ok=True)
+    (folder / file).write_text(text)
+    return folder

@@ -1,28 +1,21 @@
 """Step 3, Data: the demo dataset, a folder with train/valid/test files, or one file that is split;
-preview rows (trained tokens highlighted) and statistics, through lora_app.data with the model's tokenizer."""
+preview rows (trained tokens highlighted) and statistics, from `python -m lora_app preview` (lora_app.data with the
+model's tokenizer) in a process of its own: the page's process never reads or tokenizes a whole dataset."""
 
 from __future__ import annotations
 
 import html
-from functools import lru_cache
+import math
 from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError
 
 FORMATS = ["auto", "text", "completions", "chat", "instruction"]
-
-
-@lru_cache(maxsize=4)
-def tokenizer_for(model: str) -> Any:
-    """The model's tokenizer (transformers only; no MLX in the UI process)."""
-    from transformers import AutoTokenizer
-
-    from ..models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(model))
+MAX_SEQ_LENGTH = 1 << 20  # bounds for the numbers that arrive from the page
+MAX_BATCH_SIZE = 1 << 16
 
 
 def preview_html(rows: list) -> str:
@@ -34,6 +27,7 @@ def preview_html(rows: list) -> str:
         tokens = "".join(f'<span class="{"tok-train" if trained else "tok-mask"}">{html.escape(text)}</span>'
                          for text, trained in row.segments)
         cut = f" · {row.cut} tokens cut" if row.cut else ""
+        cut += f" · the last {row.hidden} kept tokens not shown" if row.hidden else ""
         parts.append(f'<div class="row"><div class="row-where">{html.escape(row.where)} · {row.tokens} tokens · '
                      f'{row.trained} trained{cut}</div><pre>{tokens}</pre></div>')
     legend = '<span class="tok-train">trained</span> <span class="tok-mask">context (not trained)</span>'
@@ -42,30 +36,45 @@ def preview_html(rows: list) -> str:
 
 def preview_data(model: str, data: str, data_format: str, valid_fraction: float, mask_prompt: bool,
                  skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str) -> tuple:
-    """Preview rows, statistics and, when the Train step's sample-probe box is empty, prompts of the first
-    validation rows for it; the source is read once for all three."""
-    from .. import data as data_mod
-    from ..data_sources import read_source
-    from ..probes import default_probe_prompts
-    from ..user_errors import USER_ERRORS
+    """Preview rows, statistics (over the first rows of a big dataset) and, when the Train step's sample-probe box
+    is empty, prompts of the first validation rows for it; all from one `preview` subprocess."""
+    from ..data import PreviewRow, format_statistics
+    from .engine import EngineError, preview
 
     if not (data or "").strip():
         gr.Warning("Data: empty; choose the demo data, a folder or a file.")
         return "", "⚠️ Data: empty.", gr.skip()
     try:
-        cfg = DataConfig(data=data.strip(), data_format=data_format, valid_fraction=float(valid_fraction),
-                         mask_prompt=bool(mask_prompt), skip_bad_rows=bool(skip_bad_rows))
-        tokenizer = tokenizer_for((model or "demo").strip())
-        source = read_source(cfg)
-        rows = data_mod.preview(cfg, tokenizer, n_rows=3, max_seq_length=int(max_seq_length), source=source)
-        loaded = data_mod.load_data(cfg, tokenizer, batch_size=int(batch_size), source=source)
-        stats = data_mod.format_statistics(data_mod.statistics(loaded, int(max_seq_length)))
-        prompts = gr.skip() if (probes or "").strip() else "\n".join(default_probe_prompts(cfg, source=source))
-    except (ConfigError, *USER_ERRORS, OSError) as e:
+        report = preview((model or "demo").strip(), data.strip(), str(data_format),
+                         page_number(valid_fraction, "valid_fraction", 0, 1), bool(mask_prompt), bool(skip_bad_rows),
+                         page_int(max_seq_length, "max_seq_length", MAX_SEQ_LENGTH),
+                         page_int(batch_size, "batch_size", MAX_BATCH_SIZE))
+    except (ConfigError, EngineError) as e:
         gr.Warning(f"Data {data}: {str(e).splitlines()[0]}")
         return "", "⚠️ " + html.escape(str(e)).replace("\n", "<br>"), gr.skip()
-    notes = "\n".join(f"- {n}" for n in loaded.notes if n)
-    return preview_html(rows), stats + ("\n\n" + notes if notes else ""), prompts
+    rows = [PreviewRow(**row) for row in report["rows"]]
+    notes = "\n".join(f"- {n}" for n in report["notes"] if n)
+    prompts = gr.skip() if (probes or "").strip() else "\n".join(report["prompts"])
+    return preview_html(rows), format_statistics(report["statistics"]) + ("\n\n" + notes if notes else ""), prompts
+
+
+def page_number(value: Any, name: str, low: float, high: float) -> float:
+    """A finite number in [low, high] from the page, or ConfigError (inf or nan must not reach int() or a loop)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ConfigError(f"{name} must be a number from {low:,} to {high:,} (got {value})")
+    return number
+
+
+def page_int(value: Any, name: str, high: int) -> int:
+    """A whole number in [1, high] from the page, or ConfigError."""
+    number = page_number(value, name, 1, high)
+    if number != int(number):
+        raise ConfigError(f"{name} must be a whole number (got {value})")
+    return int(number)
 
 
 def pick_source(source: str, current: str) -> str:

@@ -52,6 +52,34 @@ def run(cmd: list[str], timeout: float) -> str:
     return done.stdout
 
 
+def preview(model: str, data: str, data_format: str, valid_fraction: float, mask_prompt: bool, skip_bad_rows: bool,
+            max_seq_length: int, batch_size: int, timeout: float = 300) -> dict:
+    """`python -m lora_app preview --json`: the Data step's rows and statistics, read and tokenized in a process of
+    their own, so a big dataset's memory is given back when it ends. EngineError carries the CLI's whole message
+    (a dataset's problems take several lines)."""
+    cmd = [sys.executable, "-m", "lora_app", "preview", f"--model={model}", f"--data={data}",  # '=': a value
+           f"--data-format={data_format}", f"--valid-fraction={valid_fraction}",  # never reads as a flag
+           f"--max-seq-length={max_seq_length}", f"--batch-size={batch_size}", "--json"]
+    cmd += ["--mask-prompt"] * mask_prompt + ["--skip-bad-rows"] * skip_bad_rows
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"preview: no answer within {timeout:.0f}s") from None
+    if done.returncode != 0:
+        raise EngineError(error_message(done.stderr) or f"exit code {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def error_message(stderr: str, max_lines: int = 25) -> str:
+    """Our CLI's message from its 'error:' line on (it may list problems below it); else error_line."""
+    lines = stderr.strip().splitlines()
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("error:")), None)
+    if first is None or any(ln.startswith("Traceback") for ln in lines[first:]):
+        return error_line(stderr)
+    return "\n".join(lines[first:first + max_lines]).removeprefix("error:").strip()
+
+
 def error_line(stderr: str) -> str:
     """The line that says what went wrong: ours start with 'error:'; else the last line of a traceback."""
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
