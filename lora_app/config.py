@@ -16,6 +16,54 @@ from typing import Any
 
 DEMO = "demo"  # the built-in offline model / dataset (see lora_app/demo.py)
 LAYER_SPEC = re.compile(r"^(all|last:\d+|\d+-\d+|\d+(,\d+)*)$")
+# The layers spec's limits, checked before anything is built from it: no model has 100,000 blocks, and a list of
+# every block of the largest model is a few thousand characters.
+MAX_BLOCK = 100_000
+MAX_LAYERS_CHARS = 10_000
+SEED_MAX = 2**32 - 1  # mx.random.seed takes 0 .. 2**64-1; the trainer derives per-step seeds from it
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric setting's allowed range; `open` ends exclude the bound itself (alpha > 0, dropout < 1)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def text(self) -> str:
+        return (f"{'(' if self.low_open else '['}{shown(self.low)}, "
+                f"{shown(self.high)}{')' if self.high_open else ']'}")
+
+
+# Every numeric setting's range, in one place (the CLI's --help shows them). The upper bounds are far above any
+# real run; they exist so a typo or a hostile form value (1e30) is one line here, not an overflow inside MLX.
+BOUNDS: dict[str, Bound] = {
+    "rank": Bound(1, 4096),
+    "alpha": Bound(0, 1_000_000, low_open=True),
+    "dropout": Bound(0, 1, high_open=True),
+    "valid_fraction": Bound(0, 1, low_open=True, high_open=True),
+    "split_seed": Bound(0, SEED_MAX),
+    "iters": Bound(1, 10_000_000),
+    "epochs": Bound(0, 100_000),
+    "batch_size": Bound(1, 100_000),
+    "learning_rate": Bound(0, 1e38, low_open=True),  # about float32's largest; test_nan.py trains at it
+    "warmup": Bound(0, 10_000_000),
+    "weight_decay": Bound(0, 100),
+    "grad_clip": Bound(0, 1_000_000_000),
+    "max_seq_length": Bound(1, 1_048_576),
+    "steps_per_report": Bound(1, 10_000_000),
+    "steps_per_eval": Bound(0, 10_000_000),
+    "val_batches": Bound(-1, 10_000_000),
+    "save_every": Bound(1, 10_000_000),
+    "keep_checkpoints": Bound(1, 10_000),
+    "seed": Bound(0, SEED_MAX),
+    "memory_limit_gb": Bound(0, 1_000_000),
+    "early_stop_patience": Bound(0, 1_000_000),
+    "early_stop_min_delta": Bound(0, 1_000_000),
+    "probe_max_tokens": Bound(1, 4096),
+}
 
 
 class ConfigError(ValueError):
@@ -145,34 +193,17 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        problems = [f"{f.name} must be a finite number (got {getattr(section, f.name)})"
-                    for section in (self.lora, self.data, self.train) for f in fields(section)
-                    if isinstance(getattr(section, f.name), float) and not math.isfinite(getattr(section, f.name))]
         lo, tr, da = self.lora, self.train, self.data
-        if lo.rank < 1:
-            problems.append(f"rank must be at least 1 (got {lo.rank})")
-        if not lo.alpha > 0:
-            problems.append(f"alpha must be greater than 0 (got {lo.alpha})")
-        if not 0 <= lo.dropout < 1:
-            problems.append(f"dropout must be in [0, 1) (got {lo.dropout})")
+        numbers = {name: getattr(section, name) for section in (lo, da, tr) for name in BOUNDS
+                   if hasattr(section, name)}
+        problems = [p for name, value in numbers.items() if (p := bound_problem(name, value))]
         if not lo.modules:
             problems.append("modules: choose at least one module to adapt")
-        if not LAYER_SPEC.match(str(lo.layers)):
-            problems.append(f"layers must be all, last:N, A-B or a list like 0,2,5 (got {lo.layers!r})")
+        if p := layers_problem(str(lo.layers)):
+            problems.append(p)
         if da.data_format not in ("auto", "text", "completions", "chat", "instruction"):
             problems.append(f"data_format must be auto, text, completions, chat or instruction "
                             f"(got {da.data_format!r})")
-        if not 0 < da.valid_fraction < 1:
-            problems.append(f"valid_fraction must be between 0 and 1 (got {da.valid_fraction})")
-        for name in ("iters", "batch_size", "max_seq_length", "steps_per_report", "save_every", "keep_checkpoints"):
-            if getattr(tr, name) < 1:
-                problems.append(f"{name} must be at least 1 (got {getattr(tr, name)})")
-        for name in ("warmup", "steps_per_eval", "epochs", "grad_clip", "weight_decay", "memory_limit_gb",
-                     "early_stop_patience", "early_stop_min_delta"):
-            if getattr(tr, name) < 0:
-                problems.append(f"{name} must not be negative (got {getattr(tr, name)})")
-        if not tr.learning_rate > 0:
-            problems.append(f"learning_rate must be greater than 0 (got {tr.learning_rate})")
         if tr.lr_schedule not in ("cosine", "constant"):
             problems.append(f"lr_schedule must be cosine or constant (got {tr.lr_schedule!r})")
         if tr.optimizer not in ("adam", "adamw"):
@@ -189,12 +220,68 @@ class RunConfig:
         return self.lora.alpha / self.lora.rank
 
 
+def shown(value: Any) -> str:
+    """A number for a message or help text: huge integers short (int(1e30) has 31 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        return f"{float(value):.3g}" if abs(value) < 10**300 else f"about 1e+{int(math.log10(abs(value)))}"
+    return str(value)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr() cut to one readable piece (a pasted megabyte must not become the error line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def bound_problem(name: str, value: Any) -> str | None:
+    """The one-line problem with a numeric setting's value (BOUNDS), or None when it is allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name}: expected a number (got {short_repr(value)})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number (got {value})"
+    b = BOUNDS[name]
+    too_low = value <= b.low if b.low_open else value < b.low
+    too_high = value >= b.high if b.high_open else value > b.high
+    if not (too_low or too_high):
+        return None
+    if b.high_open:  # a fraction: the interval says it best
+        return f"{name} must be in {b.text()} (got {shown(value)})"
+    if too_high:
+        return f"{name} must be at most {shown(b.high)} (got {shown(value)})"
+    if b.low_open:
+        return f"{name} must be greater than {shown(b.low)} (got {shown(value)})"
+    if b.low == 0:
+        return f"{name} must not be negative (got {shown(value)})"
+    return f"{name} must be at least {shown(b.low)} (got {shown(value)})"
+
+
+def layers_problem(spec: str) -> str | None:
+    """The layers spec's form and size, checked without building anything (the model's own block count is
+    checked later, by lora.parse_layers)."""
+    if len(spec) > MAX_LAYERS_CHARS:
+        return f"layers must be at most {MAX_LAYERS_CHARS} characters (got {len(spec)})"
+    if not LAYER_SPEC.match(spec):
+        return f"layers must be all, last:N, A-B or a list like 0,2,5 (got {short_repr(spec)})"
+    big = [n for n in re.findall(r"\d+", spec) if len(n.lstrip("0")) > len(str(MAX_BLOCK)) or int(n) > MAX_BLOCK]
+    if big:
+        return f"layers: block numbers must be at most {MAX_BLOCK} (got {shown_digits(big[0])})"
+    return None
+
+
+def shown_digits(digits: str) -> str:
+    """A run of digits for a message; int() refuses more than 4300 digits, and nobody reads 40."""
+    digits = digits.lstrip("0") or "0"
+    return digits if len(digits) <= 15 else f"a {len(digits)}-digit number"
+
+
 def all_field_names() -> set[str]:
     return {f.name for section in SECTIONS for f in fields(section)}
 
 
 def field_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for section in SECTIONS for f in fields(section)}
+    """Each field's help text, with its allowed range where it has one (BOUNDS)."""
+    return {f.name: f.metadata.get("help", "") + (f" Allowed: {BOUNDS[f.name].text()}." if f.name in BOUNDS else "")
+            for section in SECTIONS for f in fields(section)}
 
 
 def field_defaults() -> dict[str, Any]:
@@ -212,9 +299,7 @@ def coerce(f, value: Any) -> Any:
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
         if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
+            return to_int(value)
         if kind.startswith("float"):
             return float(value)
         if kind.startswith("list"):
@@ -226,8 +311,21 @@ def coerce(f, value: Any) -> Any:
                 raise ValueError(value)
             return {str(k): str(v) for k, v in value.items()}
         return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{f.name}: expected {kind.split(' ')[0]}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{f.name}: expected {kind.split(' ')[0]}, got {short_repr(value)}") from None
+
+
+def to_int(value: Any) -> int:
+    """An int from an int, a whole float or a string of either: '1e3' is 1000, so '1e30' reaches the bounds check
+    and its message instead of overflowing later; '2.5' and 'inf' are refused."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            value = float(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)
 
 
 # mlx-lm keys with no meaning for us (kept so its YAML files load unchanged).

@@ -7,10 +7,12 @@ lora_b is [rank, out] and starts at zero, so step 0 reproduces the base model ex
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain, islice
 from typing import Any
 
-from .config import LoraConfig
+from .config import MAX_LAYERS_CHARS, LoraConfig, short_repr, shown
 from .models import blocks_of, linear_modules, linear_shape
 
 
@@ -29,8 +31,13 @@ class LoraTargets:
 
 
 def parse_layers(spec: str, num_blocks: int) -> list[int]:
-    """'all' | 'last:N' | 'A-B' (inclusive) | '0,2,5' -> sorted block indices, checked against the model."""
+    """'all' | 'last:N' | 'A-B' (inclusive) | '0,2,5' -> sorted block indices, checked against the model.
+
+    Every number is checked before a list is built: the page calls this on each keystroke, and '0-20000000'
+    would otherwise build twenty million indices in the UI process."""
     spec = str(spec).strip()
+    if len(spec) > MAX_LAYERS_CHARS:
+        raise LoraError(f"layers must be at most {MAX_LAYERS_CHARS} characters (got {len(spec)})")
     if spec == "all":
         return list(range(num_blocks))
     try:
@@ -41,19 +48,30 @@ def parse_layers(spec: str, num_blocks: int) -> list[int]:
             return list(range(num_blocks - n, num_blocks))
         if "-" in spec:
             lo, hi = (int(x) for x in spec.split("-", 1))
-            blocks = list(range(lo, hi + 1))
             if lo > hi:
                 raise LoraError(f"layers={spec}: the range is empty (start after end)")
-        else:
-            blocks = sorted({int(x) for x in spec.split(",")})
+            below, above = range(lo, min(hi + 1, 0)), range(max(lo, num_blocks), hi + 1)  # sizes, not lists
+            check_blocks(spec, [below, above], num_blocks)
+            return list(range(lo, hi + 1))
+        blocks = sorted({int(x) for x in spec.split(",")})
     except LoraError:
         raise
-    except ValueError:
-        raise LoraError(f"layers={spec!r}: expected all, last:N, A-B or a list like 0,2,5") from None
-    bad = [b for b in blocks if not 0 <= b < num_blocks]
-    if bad:
-        raise LoraError(f"layers={spec}: block(s) {bad} outside the model, which has blocks 0-{num_blocks - 1}")
+    except ValueError:  # also int()'s refusal of more than 4300 digits
+        raise LoraError(f"layers={short_repr(spec)}: expected all, last:N, A-B or a list like 0,2,5") from None
+    check_blocks(spec, [[b for b in blocks if not 0 <= b < num_blocks]], num_blocks)
     return blocks
+
+
+def check_blocks(spec: str, bad: list[Sequence[int]], num_blocks: int) -> None:
+    """Refuse block numbers outside the model (`bad`: lists or ranges of them), naming the first few: a range
+    like 0-20000000 is counted, never listed."""
+    count = sum(len(b) for b in bad)
+    if count:
+        first = list(islice(chain.from_iterable(bad), 5))
+        more = f" and {count - 5} more" if count > 5 else ""
+        spec = spec if len(spec) <= 60 else short_repr(spec)
+        raise LoraError(f"layers={spec}: block(s) [{', '.join(map(shown, first))}]{more} outside the model, "
+                        f"which has blocks 0-{num_blocks - 1}")
 
 
 def resolve_modules(names: list[str], available: list[str]) -> list[str]:

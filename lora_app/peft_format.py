@@ -42,9 +42,13 @@ def export_peft(adapter_dir: Path, out: Path, base_model: str | None = None) -> 
     if is_peft_folder(adapter_dir):
         raise ExportError(f"{adapter_dir}: already a PEFT adapter; copy the folder instead")
     config = read_adapter_config(adapter_dir)
-    weights = mx.load(str(Path(adapter_dir) / ADAPTER_FILE))
+    weights = read_tensors(Path(adapter_dir) / ADAPTER_FILE)  # a torn file: one line, and nothing is written
     tensors = to_peft_tensors(weights, adapter_dir)
-    peft_config = peft_config_for(config, weights, base_model or base_model_of(adapter_dir))
+    try:
+        peft_config = peft_config_for(config, weights, base_model or base_model_of(adapter_dir))
+    except (KeyError, TypeError, ValueError) as e:  # a hand-edited config: rank, scale or alpha not numbers
+        raise AdapterError(f"{Path(adapter_dir) / CONFIG_FILE}: lora_parameters need numeric rank and scale "
+                           f"({type(e).__name__}: {e})") from None
     with new_folder(out) as tmp:
         atomic_write(tmp / PEFT_WEIGHTS, lambda p: mx.save_safetensors(str(p), tensors, metadata={"format": "pt"}))
         atomic_write_json(tmp / CONFIG_FILE, peft_config)

@@ -132,6 +132,17 @@ CLI_CASES = [
     ("data-missing", lambda k: train(k, "--data", str(k.bad / "nope")), "no such file or folder"),
     ("data-few-rows", lambda k: train(k, "--data", str(k.bad / "data-few")), "fewer than the batch size"),
     ("stop-idle-run", lambda k: ["stop", str(k.run)], "no training process is running"),
+    ("probe-tokens-negative", lambda k: train(k, "--probe-max-tokens", "-5"), "probe_max_tokens must be at least 1"),
+    ("probe-tokens-huge", lambda k: train(k, "--probe-max-tokens", "100000"), "probe_max_tokens must be at most 4096"),
+    ("iters-1e30", lambda k: train(k, "--iters", "1e30"), "iters must be at most 10000000 (got 1e+30)"),
+    ("epochs-1e30", lambda k: train(k, "--epochs", "1e30"), "epochs must be at most 100000 (got 1e+30)"),
+    ("seed-negative", lambda k: train(k, "--seed", "-1"), "seed must not be negative (got -1)"),
+    ("rank-huge", lambda k: train(k, "--rank", "100000"), "rank must be at most 4096 (got 100000)"),
+    ("layers-huge-range", lambda k: train(k, "--layers", "0-20000000"), "layers: block numbers must be at most"),
+    ("max-seq-length-huge", lambda k: train(k, "--max-seq-length", "10000000"), "max_seq_length must be at most"),
+    ("val-batches-negative", lambda k: train(k, "--val-batches", "-5"), "val_batches must be at least -1 (got -5)"),
+    ("export-peft-torn", lambda k: ["export", "--adapter", str(k.bad / "adapter-torn"), "--format", "peft", "--out",
+                                    str(k.bad.parent / "out" / "peft-torn")], "adapters.safetensors: cannot be read"),
     # An mlx.launch hostfile (issue 23): keys mlx.launch acts on but this app does not check are refused.
     ("hosts-envs", lambda k: (k.bad / "hosts-envs.json").write_text(
         '{"envs": ["PYTHONPATH=/tmp/x"], "hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]}')
@@ -203,6 +214,46 @@ def test_bad_dataset_rows_are_refused(name: str, expected: str, kit: Kit) -> Non
     message = user_error(lambda: load_data(DataConfig(data=str(kit.bad / f"data-{name}")), tokenizer, batch_size=1))
     assert expected in message and f"data-{name}" in message
     assert_nothing_changed(kit)
+
+
+def test_export_of_a_truncated_adapter_writes_nothing(kit: Kit, engine_env, tmp_path: Path) -> None:
+    from lora_app.export import export_adapter
+
+    ours = shutil.copytree(kit.adapter, tmp_path / "ours-cut")
+    (ours / "adapters.safetensors").write_bytes((kit.adapter / "adapters.safetensors").read_bytes()[:1000])
+    peft = export_adapter(kit.adapter, "peft", tmp_path / "peft-cut")
+    (peft / "adapter_model.safetensors").write_bytes((peft / "adapter_model.safetensors").read_bytes()[:1000])
+    for folder, fmt, expected in [(ours, "peft", "ours-cut/adapters.safetensors: cannot be read"),
+                                  (ours, "fused", "ours-cut/adapters.safetensors: cannot be read"),
+                                  (peft, "fused", "peft-cut/adapter_model.safetensors: cannot be read")]:
+        out = tmp_path / f"out-{folder.name}-{fmt}"
+        result = cli(["export", "--adapter", str(folder), "--format", fmt, "--model", str(kit.model),
+                      "--out", str(out)], engine_env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))  # nor a half-written temporary
+    assert_nothing_changed(kit)
+
+
+def test_page_refuses_a_huge_layer_range_before_building_it() -> None:
+    import time
+
+    from lora_app.lora import LoraError, parse_layers
+    from lora_app.ui.estimates import adapter_summary
+    from lora_app.ui.settings import range_from_layers
+
+    info = {"num_blocks": 2, "total_params": 1000, "linear_modules": ["self_attn.q_proj"],
+            "module_shapes": {"self_attn.q_proj": [64, 64]}}
+    start = time.perf_counter()
+    with pytest.raises(LoraError, match=r"block\(s\) \[2, 3, 4, 5, 6\] and 19999994 more outside the model"):
+        parse_layers("0-20000000", 2)
+    summary = adapter_summary(info, "0-20000000", ["self_attn.q_proj"], 8)
+    assert time.perf_counter() - start < 0.2
+    assert summary.startswith("⚠️ layers=0-20000000: block(s) [2, 3, 4, 5, 6]") and len(summary) < 200
+    assert adapter_summary(info, "all", ["self_attn.q_proj"], 1e30) == "⚠️ rank must be at most 4096 (got 1e+30)"
+    # '²'.isdigit() is true but int('²') fails; int() refuses more than 4300 digits: both show the whole model.
+    assert range_from_layers("last:²", 2) == range_from_layers("0-" + "9" * 5000, 2) == (0, 1)
 
 
 def bad_dataset(k: Kit, name: str, file: str, text: str) -> Path:

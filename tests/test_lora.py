@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -75,6 +76,21 @@ def test_layer_specs(spec, blocks):
 def test_bad_layer_specs(spec, message):
     with pytest.raises(LoraError, match=message):
         parse_layers(spec, 4)
+
+
+def test_huge_layer_range_is_refused_before_it_is_built():
+    # The page calls parse_layers on every keystroke: 0-20000000 once built 20 million indices (1.3 GB).
+    start = time.perf_counter()
+    with pytest.raises(LoraError) as info:
+        parse_layers("0-20000000", 2)
+    assert time.perf_counter() - start < 0.1
+    assert str(info.value) == ("layers=0-20000000: block(s) [2, 3, 4, 5, 6] and 19999994 more outside the model, "
+                               "which has blocks 0-1")
+
+
+def test_layer_spec_length_is_capped():
+    with pytest.raises(LoraError, match="layers must be at most 10000 characters"):
+        parse_layers(",".join(["0"] * 6000), 2)
 
 
 def test_unknown_module_lists_what_the_model_has(tiny_model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import bound_problem
 from ..lora import LoraError, adapter_bytes, count_for, parse_layers
 from ..memory import MEMORY_ADVICE, estimate_training_memory
 from . import engine
@@ -21,9 +22,11 @@ def adapter_summary(info: dict, layers: str, modules: list[str], rank: int, batc
     if not info:
         return "Inspect the model (step 1) to see trainable parameters and sizes."
     try:
-        blocks = parse_layers(layers, info["num_blocks"])
+        blocks = parse_layers(layers, info["num_blocks"])  # refuses a huge range before building it
     except LoraError as e:
         return f"⚠️ {e}"
+    if problem := bound_problem("rank", rank):  # the form can send anything: 1e30, inf
+        return f"⚠️ {problem}"
     unknown = [m for m in modules if m not in info["module_shapes"]]
     if unknown:
         return f"⚠️ module(s) {', '.join(unknown)} not in this model; it has {', '.join(info['linear_modules'])}"
@@ -42,6 +45,8 @@ def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int
         return ""
     if not batch_size or batch_size < 1 or not max_seq_length or max_seq_length < 1:
         return "Training memory: set batch size and max sequence length (step 4) for an estimate."
+    if problem := bound_problem("batch_size", batch_size) or bound_problem("max_seq_length", max_seq_length):
+        return f"Training memory: ⚠️ {problem}"
     est = estimate_training_memory(info, trainable, int(batch_size), int(max_seq_length), bool(grad_checkpoint))
     text = (f"**Training memory** up to about {human_bytes(est['total'])} at batch {int(batch_size)} × "
             f"{int(max_seq_length)} tokens (weights {human_bytes(est['weights'])}, activations "

@@ -6,13 +6,23 @@ string kept in step with the block-range sliders, `modules` holds in-block paths
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import ConfigError, RunConfig, field_defaults, full_module_name, load_config_file, to_mlx_lm_yaml_dict
+from ..config import (
+    MAX_BLOCK,
+    ConfigError,
+    RunConfig,
+    field_defaults,
+    full_module_name,
+    load_config_file,
+    short_repr,
+    to_mlx_lm_yaml_dict,
+)
 
 FORM_KEYS = (
     "model", "dequantize", "layers", "modules", "rank", "alpha", "dropout",
@@ -22,6 +32,9 @@ FORM_KEYS = (
     "early_stop_patience", "early_stop_min_delta", "probe_prompts", "probe_max_tokens", "init_adapter",
 )
 DEQUANTIZE = {"auto": None, "yes": True, "no": False}
+BLOCK_NUMBER = f"([0-9]{{1,{len(str(MAX_BLOCK))}}})"  # no model has a block number longer than MAX_BLOCK's
+BLOCK_NUMBER_LAST = re.compile(f"last:{BLOCK_NUMBER}")
+BLOCK_NUMBER_RANGE = re.compile(f"{BLOCK_NUMBER}-{BLOCK_NUMBER}")
 
 
 def form_to_flat(values: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +79,11 @@ def module_choices(modules: list[str], available: list[str] | None) -> list[str]
 
 def layers_from_range(first: int, last: int, num_blocks: int) -> str:
     """Block range -> a layers spec; ranges that end at the top block use mlx-lm's form (all / last:N)."""
-    first, last = int(first), int(last)
+    try:
+        first, last = int(first), int(last)
+    except (TypeError, ValueError, OverflowError):  # a request can send anything, inf included
+        raise ConfigError(f"block range: expected block numbers, got {short_repr(first)} and {short_repr(last)}"
+                          ) from None
     if first > last:
         raise ConfigError(f"block range: first block {first} is after last block {last}")
     if num_blocks and last == num_blocks - 1:
@@ -75,14 +92,14 @@ def layers_from_range(first: int, last: int, num_blocks: int) -> str:
 
 
 def range_from_layers(spec: str, num_blocks: int) -> tuple[int, int]:
-    """The inverse, for specs that are a contiguous range; anything else shows the whole model."""
+    """The inverse, for specs that are a contiguous range; anything else shows the whole model. Only numbers a
+    block can have are read (int() refuses over 4300 digits, and '²'.isdigit() is true but int('²') fails)."""
     spec = str(spec).strip()
     top = max(num_blocks - 1, 0)
-    if spec.startswith("last:") and spec[5:].isdigit():
-        return max(num_blocks - int(spec[5:]), 0), top
-    if "-" in spec and all(p.isdigit() for p in spec.split("-", 1)):
-        lo, hi = (int(p) for p in spec.split("-", 1))
-        return min(lo, top), min(hi, top)
+    if m := BLOCK_NUMBER_LAST.fullmatch(spec):
+        return max(num_blocks - int(m[1]), 0), top
+    if m := BLOCK_NUMBER_RANGE.fullmatch(spec):
+        return min(int(m[1]), top), min(int(m[2]), top)
     return 0, top
 
 

@@ -1,0 +1,93 @@
+"""Config validation: every numeric setting has a documented range (config.BOUNDS), and a value outside it is one
+line naming the setting, the bound and the value, before anything is built or handed to MLX."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields
+
+import pytest
+
+from lora_app.config import (
+    BOUNDS,
+    MAX_BLOCK,
+    MAX_LAYERS_CHARS,
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    field_help,
+)
+
+
+def refusal(flat: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flat(flat)
+    return str(info.value)
+
+
+def test_every_numeric_setting_has_a_bound() -> None:
+    numeric = {f.name for s in SECTIONS for f in fields(s) if str(f.type).split(" ")[0] in ("int", "float")}
+    assert numeric == set(BOUNDS)
+
+
+def test_help_text_states_the_range() -> None:
+    helps = field_help()
+    assert helps["rank"].endswith("Allowed: [1, 4096].")
+    assert helps["dropout"].endswith("Allowed: [0, 1).")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, b in BOUNDS.items() if not b.high_open))
+def test_top_of_each_range_is_accepted_and_above_it_refused(name: str) -> None:
+    high = BOUNDS[name].high
+    RunConfig.from_flat({name: high})
+    assert refusal({name: high * 10}).startswith(f"{name} must be at most {high} (got {high * 10}")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("probe_max_tokens", -5, "probe_max_tokens must be at least 1 (got -5)"),
+    ("probe_max_tokens", 0, "probe_max_tokens must be at least 1 (got 0)"),
+    ("seed", -1, "seed must not be negative (got -1)"),
+    ("split_seed", -1, "split_seed must not be negative (got -1)"),
+    ("val_batches", -2, "val_batches must be at least -1 (got -2)"),
+    ("valid_fraction", 0, "valid_fraction must be in (0, 1) (got 0.0)"),
+])
+def test_bottom_of_each_range_is_refused(name: str, value: float, message: str) -> None:
+    assert refusal({name: value}) == message
+
+
+def test_seed_range_is_what_mlx_accepts() -> None:
+    import mlx.core as mx
+
+    high = int(BOUNDS["seed"].high)
+    mx.random.seed(high)
+    mx.random.seed(high * 1_000_003 + 10_000_000)  # the trainer's per-step dropout seed, at the last step
+    assert refusal({"seed": high + 1}) == f"seed must be at most {high} (got {high + 1})"
+
+
+@pytest.mark.parametrize("value", ["1e30", 1e30])
+def test_huge_counts_are_one_line_not_an_overflow_later(value: str | float) -> None:
+    # int(1e30) is a valid Python int; MLX's std::bad_cast came much later, inside the trainer.
+    assert refusal({"iters": value}) == "iters must be at most 10000000 (got 1e+30)"
+    assert refusal({"epochs": value}) == "epochs must be at most 100000 (got 1e+30)"
+
+
+def test_whole_numbers_in_exponent_form_are_ints() -> None:
+    assert RunConfig.from_flat({"iters": "1e3", "seed": 7.0}).train.iters == 1000
+    assert "iters: expected int, got '2.5'" in refusal({"iters": "2.5"})
+
+
+def test_a_pasted_megabyte_is_a_short_message() -> None:
+    message = refusal({"iters": "9" * 1_000_000})
+    assert message.startswith("iters: expected int, got '999") and len(message) < 200
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0-20000000", f"layers: block numbers must be at most {MAX_BLOCK} (got 20000000)"),
+    ("last:" + "9" * 5000, f"layers: block numbers must be at most {MAX_BLOCK} (got a 5000-digit number)"),
+    (",".join(["1"] * 10_000), f"layers must be at most {MAX_LAYERS_CHARS} characters (got 19999)"),
+])
+def test_layer_numbers_and_length_are_bounded(spec: str, message: str) -> None:
+    start = time.perf_counter()
+    assert refusal({"layers": spec}) == message
+    assert time.perf_counter() - start < 0.5
+    RunConfig.from_flat({"layers": f"0-{MAX_BLOCK}"})  # the model's own size is checked when it is loaded
