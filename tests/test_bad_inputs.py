@@ -159,6 +159,11 @@ CLI_CASES = [
      + "]" * 100_000))), "train.json: cannot be read: nested too deeply"),
     ("data-csv-huge-field", lambda k: train(k, "--data", str(bad_dataset(k, "huge-field", "train.csv", "text\n"
      + "a b\n" * 4 + "x" * 9_000_000 + "\n"))), "train.csv: line 6: a field is longer than 8,388,608 characters"),
+    # A resume with nothing it can resume from (issue 23) stops, and touches nothing of the run.
+    ("resume-torn-checkpoints", lambda k: ["train", "--resume", str(broken_run(k, "torn-checkpoints", b"\0" * 10))],
+     "none of its 2 checkpoint(s) can be read (step_0000002: "),
+    ("resume-nan-checkpoints", lambda k: ["train", "--resume", str(broken_run(k, "nan-checkpoints", None))],
+     "step_0000001: its adapter weights are not finite (NaN or inf)); nothing was changed"),
 ]
 
 
@@ -262,3 +267,19 @@ def bad_dataset(k: Kit, name: str, file: str, text: str) -> Path:
     folder.mkdir(exist_ok=True)
     (folder / file).write_text(text)
     return folder
+
+
+def broken_run(k: Kit, name: str, weights: bytes | None) -> Path:
+    """A copy of the finished run whose every checkpoint's adapter file is `weights` (None: NaN weights)."""
+    import mlx.core as mx
+
+    from lora_app.checkpoints import checkpoint_dirs
+
+    run = shutil.copytree(k.run, k.bad / name)
+    for checkpoint in checkpoint_dirs(run):
+        path = checkpoint / "adapters.safetensors"
+        if weights is None:
+            mx.save_safetensors(str(path), {n: v * float("nan") for n, v in mx.load(str(path)).items()})
+        else:
+            path.write_bytes(weights)
+    return run

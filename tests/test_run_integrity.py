@@ -112,12 +112,12 @@ def test_a_second_trainer_on_a_run_is_refused(tiny_model, text_data, tmp_path, e
     proc = start(run_dir)
     wait_for_step(run_dir, proc, 1)
     pid = (run_dir / "train.pid").read_text()
-    with pytest.raises(runs.RunError, match="another process is training this run"):
-        runs.start_training(run_dir, resume=True)
     result = cli(["train", "--resume", str(run_dir)], engine_env, timeout=60)
     assert result.returncode == 2, result.stderr[-1500:]
     assert result.stderr.strip().splitlines() == [
         f"error: run: another process is training this run (pid {pid}); stop or pause it first"]
+    with pytest.raises(runs.RunError, match="another process is training this run"):
+        runs.start_training(run_dir, resume=True)
     assert (run_dir / "train.pid").read_text() == pid and proc.poll() is None
     stop_and_wait(run_dir, proc)
 
