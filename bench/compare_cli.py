@@ -1,6 +1,6 @@
 """Our engine (`python -m lora_app train`) vs the unmodified `mlx_lm.lora` CLI, side by side on this machine.
 
-    .venv/bin/python bench/compare_cli.py [--layers 4 --hidden 256 ...] [--out bench/out] [--write bench/RESULTS.md]
+    .venv/bin/python bench/compare_cli.py [--layers 4 --hidden 256 ...] [--out bench/out] [--write FILE.md]
 
 Builds a tiny-but-not-trivial llama (tests/tiny.py, random weights) and two datasets: uniform-length text rows
 and mixed-length chat rows (10-1000 tokens). Each dataset is trained for exactly one epoch by

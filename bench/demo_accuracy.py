@@ -1,9 +1,9 @@
 """The demo's measure: exact match of the base model and of an adapter trained with the demo defaults.
 
-    .venv/bin/python bench/demo_accuracy.py [--iters 200] [--out bench/out/demo]
+    .venv/bin/python bench/demo_accuracy.py [--iters 200] [--out bench/out/demo] [--write FILE.md]
 
 Trains with `python -m lora_app train --model demo --data demo` (every other setting at its default), evaluates
-base and adapter on assets/demo_data/test.jsonl, prints a markdown table and appends it to bench/RESULTS.md.
+base and adapter on assets/demo_data/test.jsonl, prints a markdown table (and appends it to --write's file).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / time.strftime("demo-%Y%m%d-%H%M%S")))
+    parser.add_argument("--write", help="Append the table to this markdown file.")
     args = parser.parse_args()
     out = Path(args.out)
     seconds = train(out, args.iters)
@@ -63,8 +64,9 @@ def main() -> None:
         "",
     ])
     print(table)
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write("\n" + table)
+    if args.write:
+        with open(args.write, "a", encoding="utf-8") as f:
+            f.write("\n" + table)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The app's UI packages for the lent GPU machine, which has PyTorch, pandas and httpx but no gradio (and no
 # registry): downloads the wheels of exactly the versions in .venv into .device/c (ignored by git, ~37 MB, under
-# one call's 64 MiB) and writes .device/c/setup.sh, which installs them into /tmp/uisite there. Then, as a third
-# device call right after the two of ../shared/tools/device-mlx-cuda.md (the machine stays warm 30 s):
-#     bash .device/c/setup.sh && export PYTHONPATH=/tmp/site:/tmp/uisite && python3 bench/ui_alternating.py ...
-# carrying [".device/c"]. Only what the GPU machine lacks is bundled (found by trial: gradio's imports there).
+# one call's 64 MiB) and writes .device/c/setup.sh, which installs them into .device/c/site there. Then, on the GPU
+# machine once MLX is set up (bench/README.md), carrying [".device/c"]:
+#     bash .device/c/setup.sh && export PYTHONPATH=$PYTHONPATH:$PWD/.device/c/site && python3 bench/ui_alternating.py ...
+# Only what the GPU machine lacks is bundled (found by trial: gradio's imports there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages="gradio gradio_client hf-gradio brotli fastapi starlette uvicorn h11 click groovy orjson pydantic
@@ -19,7 +19,8 @@ rm -rf .device/c && mkdir -p .device/c
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 "${specs[@]}"
 cat > .device/c/setup.sh <<'EOF'
 #!/usr/bin/env bash
-# gradio and what it needs beyond the GPU machine's own packages, into /tmp/uisite (see bench/device_ui_bundle.sh)
-python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/uisite "$(dirname "$0")"/*.whl
+# gradio and what it needs beyond the GPU machine's own packages, into site/ beside this file (bench/device_ui_bundle.sh)
+here="$(cd "$(dirname "$0")" && pwd)"
+python3 -m pip install -q --no-deps --no-index --upgrade --target "$here/site" "$here"/*.whl
 EOF
 du -sh .device/c

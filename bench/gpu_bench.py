@@ -1,6 +1,7 @@
-"""GPU benchmark, one call: our engine vs mlx-lm's trainer vs PyTorch+PEFT on a 0.5B Qwen2-shaped model.
+"""GPU benchmark: our engine vs mlx-lm's trainer vs PyTorch+PEFT on a 0.5B Qwen2-shaped model.
 
-    python3 bench/gpu_bench.py            # on the GPU machine (see ../shared/tools/device-mlx-cuda.md)
+    bash bench/gpu_table.sh                       # on a GPU machine: every part, then the tables (bench/README.md)
+    python3 bench/gpu_bench.py --part prep        # only the model and data (bench/out/gpu), for ui_alternating.py
     .venv/bin/python bench/gpu_bench.py --small   # a quick check of every code path on CPU
 
 Random bf16 weights, batch 8 × 512, LoRA rank 8 (alpha 16) on q/v of all 24 blocks. Each part runs in its own
@@ -152,7 +153,7 @@ def part_mlx_steps(a) -> None:
 
     Each module set's cases are built first and then timed in interleaved rounds (A B C, A B C, ...), each reported
     as its median: timed one after another, a case could land in one of the machine's slow or fast regimes, which
-    last seconds (bench/RESULTS.md, seventh session). q/v is reported before all 7 are built, so a part cut short
+    last seconds on the lent H200. q/v is reported before all 7 are built, so a part cut short
     by its time limit keeps it.
     """
 
@@ -232,54 +233,6 @@ def time_case(call, state, steps: int) -> tuple[float, float]:
             mx.eval(out[0], state)
 
     return timed(fn, steps), mx.get_peak_memory() / 1e9
-
-
-def part_loop_variants(a) -> None:
-    """Where the loop loses against the bare step, and what async run-ahead costs in memory (in-process)."""
-    import mlx.core as mx
-    import numpy as np
-
-    from lora_app.batching import Batch
-    from lora_app.config import LoraConfig
-    from lora_app.lora import apply_lora
-    from lora_app.trainer import batch_arrays
-
-    config = SMALL if a.small else QWEN05
-    B, T, n = a.batch, a.seq, 4 * a.steps
-    model = build_mlx_model(a, config)
-    apply_lora(model, LoraConfig(), seed=0)
-    step, state = ours_compiled_step(model)
-    rng = np.random.default_rng(0)
-    host = [Batch(rng.integers(3, 500, (B, T + 1)).astype(np.int32), np.ones((B, T), np.float32))
-            for _ in range(n)]
-    fixed = batch_arrays(host[0])
-    mx.eval(step(*fixed), state)
-
-    def loop(mode: str) -> None:
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        tic = time.perf_counter()
-        prev = None
-        tok_sum = mx.array(0.0)
-        for k in range(n):
-            arrays = fixed if mode == "fixed arrays, no waits" else batch_arrays(host[k])
-            if mode.startswith("wait") and prev is not None:
-                mx.eval(prev)  # at most one step in flight: its buffers are freed before the next is encoded
-            loss, ntoks = step(*arrays)
-            tok_sum = tok_sum + ntoks
-            mx.async_eval(state, loss, tok_sum)
-            prev = loss
-            if mode.endswith("sync every 10") and (k + 1) % 10 == 0:
-                mx.eval(state, tok_sum)
-                tok_sum.item()
-        mx.eval(state, tok_sum)
-        dt = (time.perf_counter() - tic) / n
-        emit(part="mlx_step", name=f"ours loop pattern: {mode}", ms=dt * 1000, tok_s=B * T / dt,
-             peak_gb=mx.get_peak_memory() / 1e9)
-
-    for mode in ("fixed arrays, no waits", "new arrays, no waits", "new arrays, sync every 10",
-                 "wait for previous step, sync every 10"):
-        loop(mode)
 
 
 def make_data(a) -> tuple[Path, Path, Path]:
@@ -367,7 +320,7 @@ def part_ours_loop(a) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             iters = a.iters if mode == "padded" else max(1, epoch_steps(model_dir, folder, mode, a))
             tic = time.time()
-            subprocess.run([*engine_command(a.run_ahead), "train", "--model", str(model_dir), "--data",
+            subprocess.run([sys.executable, "-m", "lora_app", "train", "--model", str(model_dir), "--data",
                             str(folder), "--batch-size", str(a.batch), "--iters", str(iters), "--rank", "8",
                             "--alpha", "16", "--learning-rate", "1e-5", "--max-seq-length", "1024",
                             "--batching", mode, "--steps-per-report", "10", "--steps-per-eval", "0",
@@ -382,9 +335,8 @@ def part_ours_loop(a) -> None:
             wall = train[-1]["time"] - running["time"]  # like mlx-lm's train(): model and data already loaded
             total = train[-1]["trained_tokens"]
             after = steady_tokens_per_second(ev)
-            factor = "" if a.run_ahead is None else f", run-ahead {a.run_ahead}x"
             modules = f", modules {a.modules}" if a.modules else ""
-            emit(part="ours_loop", name=f"{name} {mode}{factor}{modules}", iters=iters, wall_s=wall, tokens=total,
+            emit(part="ours_loop", name=f"{name} {mode}{modules}", iters=iters, wall_s=wall, tokens=total,
                  tok_s_all=total / wall, tok_s_after_first=after, first_step_s=first["time"] - tic,
                  running_to_first_step_s=first["time"] - running["time"],
                  process_wall_s=process_wall,
@@ -397,14 +349,6 @@ def steady_tokens_per_second(events: list[dict]) -> float:
     train = [e for e in events if e["event"] == "train"]
     first = next(e for e in events if e["event"] == "first_step")
     return (train[-1]["trained_tokens"] - first.get("tokens", 0)) / max(train[-1]["time"] - first["time"], 1e-9)
-
-
-def engine_command(run_ahead: float | None) -> list[str]:
-    """`python -m lora_app`, or with Trainer's RUN_AHEAD_MEMORY set to another factor (to compare factors)."""
-    if run_ahead is None:
-        return [sys.executable, "-m", "lora_app"]
-    return [sys.executable, "-c", "import sys, lora_app.trainer as t; from lora_app.__main__ import main; "
-            f"t.RUN_AHEAD_MEMORY = {run_ahead}; sys.exit(main(sys.argv[1:]))"]
 
 
 def epoch_steps(model_dir: Path, folder: Path, mode: str, a) -> int:
@@ -461,8 +405,7 @@ def part_torch(a) -> None:
              tok_s=a.batch * a.seq / dt, peak_gb=peak, setup_s=time.perf_counter() - tic - dt * a.steps)
 
 
-PARTS = {"ceiling": part_ceiling, "mlx_steps": part_mlx_steps, "loop_variants": part_loop_variants,
-         "mlx_lm_train": part_mlx_lm_train,
+PARTS = {"prep": make_data, "ceiling": part_ceiling, "mlx_steps": part_mlx_steps, "mlx_lm_train": part_mlx_lm_train,
          "ours_loop": part_ours_loop, "torch": part_torch}
 
 
@@ -480,15 +423,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=40, help="steps of the padded loops (one epoch)")
     ap.add_argument("--max-len", type=int, default=1000)
     ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--work", default="/tmp/gpu_bench")
+    ap.add_argument("--work", help="model, data and runs (default bench/out/gpu, with --small bench/out/gpu-small)")
     ap.add_argument("--loop-data", default="uniform,mixed", help="datasets of the ours_loop part")
-    ap.add_argument("--run-ahead", type=float, help="ours_loop: Trainer.RUN_AHEAD_MEMORY for the CLI runs")
     ap.add_argument("--modules", help="ours_loop: the CLI's --modules (default: the engine's, q/v)")
     ap.add_argument("--part-timeout", type=int, default=200)
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--report-from", help="only print the tables, from the RESULT lines collected in this file "
                                           "(parts run one by one with --part, as bench/gpu_table.sh does)")
     a = ap.parse_args()
+    a.work = a.work or str(ROOT / "bench" / "out" / ("gpu-small" if a.small else "gpu"))
     if a.small:
         a.batch, a.seq, a.steps, a.iters, a.max_len = 2, 64, 2, 4, 120
     if a.report_from:

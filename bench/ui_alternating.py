@@ -1,11 +1,11 @@
-"""UI overhead (issue 8, part 3) inside one run: the app is watched in some windows of a run and not in others.
+"""What watching costs a run: one run from the app, watched in some windows and not in others (bench/README.md).
 
     .venv/bin/python bench/ui_alternating.py [--iters 1500] [--window 5]
-    python3 bench/ui_alternating.py --model /tmp/gpu_bench/model --data /tmp/gpu_bench/uniform --rank 8 \\
-        --alpha 16 --learning-rate 1e-5 --max-seq-length 1024 --iters 3000   # the GPU machine, after --prep
+    python3 bench/ui_alternating.py --model bench/out/gpu/model --data bench/out/gpu/uniform --rank 8 \\
+        --alpha 16 --learning-rate 1e-5 --max-seq-length 1024 --iters 3000   # GPU, after gpu_bench.py --part prep
 
 bench/ui_overhead.py compares whole runs, CLI against app; on the lent GPU machine the same CLI run drifts
-between ~85k and ~150k tokens/s for seconds at a time (bench/RESULTS.md), which swamps a 2% question. Here one
+between ~85k and ~150k tokens/s for seconds at a time, which swamps a 2% question. Here one
 run, started from the real app (`python app.py`, its /start endpoint), is watched through the app's /follow
 stream (the updates the page gets) during "on" windows and not at all during "off" windows, alternating
 every --window seconds. Each train report covers the steps since the previous one; the reports whose span lies

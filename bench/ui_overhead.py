@@ -1,8 +1,8 @@
-"""UI overhead (issue 8, part 3): the same run started from the real app and from the CLI, alternating.
+"""UI overhead, whole runs: the same run started from the real app and from the CLI, alternating.
 
-    .venv/bin/python bench/ui_overhead.py [--repeats 3] [--iters 150] [--browser] [--write bench/RESULTS.md]
-    python3 bench/ui_overhead.py --model /tmp/gpu_bench/model --data /tmp/gpu_bench/uniform --rank 8 --alpha 16 \
-        --learning-rate 1e-5 --max-seq-length 1024        # on the GPU machine, after gpu_memory.py --prep
+    .venv/bin/python bench/ui_overhead.py [--repeats 3] [--iters 150] [--browser] [--write FILE.md]
+    python3 bench/ui_overhead.py --model bench/out/gpu/model --data bench/out/gpu/uniform --rank 8 --alpha 16 \
+        --learning-rate 1e-5 --max-seq-length 1024        # on a GPU machine, after gpu_bench.py --part prep
 
 The app side is the real thing: `python app.py` in a subprocess, the run started through its /start endpoint
 (gradio_client) and the live view followed through /follow, the stream of updates the page gets. Each update is
