@@ -9,13 +9,13 @@ per token. This computes that chunk by chunk together with the loss, and the bac
 On a GPU the logits stay in the model's dtype and each chunk's loss comes from MLX's fused cross-entropy kernel
 (float32 accumulation), as in the plain loss (mlx.nn.losses.cross_entropy) and mlx-lm's. A float32 copy of each
 chunk wrote and read twice the bytes: on an H200 (0.5B Qwen2, 8 x 512) the chunked step was then 14-15% slower
-than the plain one at the same memory limit, and a bfloat16 log-sum-exp shifted the loss (bench/RESULTS.md).
+than the plain one at the same memory limit, and a bfloat16 log-sum-exp shifted the loss (git log -- bench/RESULTS.md).
 MLX's CPU kernels reduce in the logits' dtype, so on the CPU the chunks are float32, as MLX's documentation
 advises.
 
 The chunks must run one after another. MLX runs a graph in any order its dependencies allow: without an edge
 between chunks it made every chunk's logits before the first gradient, and on an H200 the step's peak went up,
-not down (bench/RESULTS.md, commit fc04520). `mx.depends` makes chunk k+1's hidden states wait for chunk k's loss
+not down (commit fc04520). `mx.depends` makes chunk k+1's hidden states wait for chunk k's loss
 and gradient, so one chunk's logits exist at a time.
 
 mlx-lm's models end in `head(model.model(x))`; `find_head` checks that on the model itself, so a model whose logits

@@ -3,7 +3,7 @@
 Why not gr.LinePlot (which the Compare tab uses): on each update it runs Vega's whole dataflow in the page,
 including a Voronoi diagram over every point for its hover, ~25 ms of chromium CPU per update on a 2-core
 machine with an empty plot and more with each point; a run that reports twice a second lost that CPU from its
-own training there (bench/page_cpu.py, bench/RESULTS.md). Setting a finished SVG costs the page a few ms.
+own training there (bench/page_cpu.py). Setting a finished SVG costs the page a few ms.
 
 Each series is one path (an element per point cost the page ~20 ms an update at 200 points): its points are in
 its data-points attribute ("x,y,step,loss ..."), which HOVER_JS reads to show the point under the pointer and

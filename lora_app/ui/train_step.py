@@ -160,7 +160,7 @@ async def follow(ctx: Context, current: str, seen: list | None, session: str | N
     FOLLOW_GAP_S), and nothing in between but a "no change" every FOLLOW_BEAT_S. Ends when the page goes away
     or shows another run (a newer follow() of the same session). The page used to poll once a second (a
     gr.Timer): each poll cost the server ~18 ms of gradio's request handling and the page ~20 ms, with nothing
-    new too, CPU taken from a training run on a CPU-only machine (bench/RESULTS.md). Looking at an unchanged
+    new too, CPU taken from a training run on a CPU-only machine (bench/ui_overhead.py). Looking at an unchanged
     folder here costs a few stat calls."""
     try:
         run_dir = runs.resolve_run(ctx.runs_dir, current)
