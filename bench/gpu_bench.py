@@ -134,18 +134,19 @@ def mlx_lm_lora_step(a, config: dict, modules: list[str]) -> tuple:
 
 
 def ours_compiled_step(model, plain_loss: bool = False) -> tuple:
-    """Trainer.compiled_step (default settings) for a model with LoRA applied, in training mode; plain_loss: the
-    loss through the whole logits tensor instead of head_loss's chunks."""
+    """The training loop's compiled step (trainer.compiled_step, default settings) for a model with LoRA applied, in
+    training mode; plain_loss: the loss through the whole logits tensor instead of head_loss's chunks."""
     from lora_app.config import RunConfig
     from lora_app.head_loss import find_head
-    from lora_app.trainer import Trainer, build_optimizer
+    from lora_app.objective import CrossEntropy
+    from lora_app.session import build_optimizer
+    from lora_app.trainer import compiled_step
 
-    t = Trainer.__new__(Trainer)
-    t.model, t.cfg, t.head = model, RunConfig(), None if plain_loss else find_head(model)
-    t.optimizer = build_optimizer(t.cfg, 1000)
-    t.optimizer.init(model.trainable_parameters())
+    cfg = RunConfig()
+    optimizer = build_optimizer(cfg, 1000)
+    optimizer.init(model.trainable_parameters())
     model.train()
-    return t.compiled_step()
+    return compiled_step(model, optimizer, CrossEntropy(None if plain_loss else find_head(model)), cfg.train.grad_clip)
 
 
 def part_mlx_steps(a) -> None:
@@ -163,7 +164,7 @@ def part_mlx_steps(a) -> None:
     from lora_app.batching import Batch
     from lora_app.config import LoraConfig
     from lora_app.lora import apply_lora
-    from lora_app.trainer import batch_arrays
+    from lora_app.objective import batch_arrays
 
     config = SMALL if a.small else QWEN05
     B, T = a.batch, a.seq
@@ -179,7 +180,7 @@ def part_mlx_steps(a) -> None:
         batch, lengths = mx.array(tokens), mx.array([[0, T]] * B)
         cases[f"mlx-lm compiled step, {tag}"] = (partial(their_step, batch, lengths), state)
 
-        # ours: Trainer.compiled_step on our batches; our LoRA layer (bf16 low-rank path) and mlx-lm's (float32)
+        # ours: trainer.compiled_step on our batches; our LoRA layer (bf16 low-rank path) and mlx-lm's (float32)
         variants = [("padded/causal", Batch(tokens, weights), False), ("padded/causal, float32 LoRA path",
                                                                         Batch(tokens, weights), True)]
         if tag == "q/v":

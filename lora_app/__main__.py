@@ -201,17 +201,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def train_here(run_dir: Path, cfg: RunConfig, resume: bool) -> int:
     """This process trains the run (alone, or as one rank of a data-parallel run); its exit code."""
     from .config import save_config_json
-    from .trainer import Trainer
+    from .distributed import world
+    from .trainer import run
 
-    trainer = Trainer(run_dir, cfg, resume=resume)
-    if trainer.rank == 0:
+    if world()[0] == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config_json(cfg, run_dir / "config.json")
         runs.clear_control(run_dir)
-    status = trainer.run()
-    if status == "error":
-        print(f"error: {runs.run_state(run_dir).message}", file=sys.stderr)
-        return USAGE_ERROR if trainer.user_error else 1
+    outcome = run(run_dir, cfg, resume=resume)
+    if outcome.status == "error":
+        print(f"error: {outcome.message}", file=sys.stderr)
+        return USAGE_ERROR if outcome.user_error else 1
     return 0
 
 

@@ -86,6 +86,22 @@ def discard_from(run_dir: Path, step: int) -> Path | None:
     return latest_checkpoint(run_dir)
 
 
+def roll_back(run_dir: Path, bad_step: int, adapter_config: dict) -> Path | None:
+    """After a non-finite loss at `bad_step`: its loss was computed from the weights saved after bad_step - 1, so
+    resuming those would repeat it. Drop the checkpoints from bad_step - 1 on and put the newest good one back into
+    adapters/ (or remove adapters/ when none is left); returns that checkpoint or None."""
+    from .adapters import save_adapter
+
+    last = discard_from(run_dir, bad_step - 1)
+    folder = Path(run_dir) / "adapters"
+    if last is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        weights, _, state = load_checkpoint(last)
+        save_adapter(None, folder, {**adapter_config, "step": state["step"]}, weights)
+    return last
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict[str, Any]]:
     """(adapter weights, optimizer state tree, state.json) of one checkpoint."""
     import mlx.core as mx

@@ -181,3 +181,46 @@ def launch(run_dir: Path, cfg: RunConfig, nproc: int, hostfile: str | None, resu
         append_event(Path(run_dir), "error", message=message)
         append_event(Path(run_dir), "status", status="error", message=message)
     return code
+
+
+# ---- inside a training process: every rank takes the same branches ------------------------------------------
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of this process; (0, 1) when mlx.launch did not start it."""
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    return group.rank(), group.size()
+
+
+def all_sum(value: Any) -> Any:
+    """The sum of an array over all processes (the array itself in a single process)."""
+    import mlx.core as mx
+
+    return mx.distributed.all_sum(value, stream=mx.cpu)
+
+
+def agree(flags: list[bool], size: int) -> list[int]:
+    """Each flag counted over all processes: a stop, a pause or a bad loss seen by one rank ends every rank at the
+    same step (a rank left waiting in a collective would hang)."""
+    if size == 1:
+        return [int(f) for f in flags]
+    import mlx.core as mx
+
+    return all_sum(mx.array([int(f) for f in flags], dtype=mx.int32)).tolist()
+
+
+def host_names(rank: int, size: int, width: int = 64) -> list[str]:
+    """Every rank's host name, in rank order: each rank fills its own row of a zero matrix and all_sum gives every
+    rank the whole table."""
+    import socket
+
+    import mlx.core as mx
+
+    name = socket.gethostname().encode("utf-8")[:width]
+    if size == 1:
+        return [name.decode("utf-8", "replace")]
+    rows = [[0] * width for _ in range(size)]
+    rows[rank][:len(name)] = list(name)
+    table = all_sum(mx.array(rows, dtype=mx.int32)).tolist()
+    return [bytes(b for b in row if b).decode("utf-8", "replace") for row in table]

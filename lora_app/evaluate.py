@@ -54,7 +54,7 @@ def test_loss(model: nn.Module, tokenizer: Any, rows: list[list[dict[str, str]]]
     from .batching import eval_batches
     from .data import tokenize_chat
     from .head_loss import find_head
-    from .trainer import evaluate
+    from .objective import evaluate
 
     examples = [tokenize_chat(messages, tokenizer, mask_prompt=True) for messages in rows]
     return evaluate(model, eval_batches(examples, LOSS_BATCH, max(len(t) for t, _ in examples)), find_head(model))

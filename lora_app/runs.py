@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, remove_temp_files
 
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
 TERMINAL = {"done", "stopped", "paused", "error"}
@@ -147,6 +147,29 @@ def run_state(run_dir: Path, events: list[dict] | None = None) -> RunState:
     if state.status not in TERMINAL | {"new"} and not state.alive:
         state.status = "interrupted"  # the process died without saying so (killed, crashed, machine slept)
     return state
+
+
+def prepare_run_folder(run_dir: Path) -> None:
+    """Before training: the folder exists, and temporary files of writes a crash cut short are gone."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    for folder in ("adapters", "best"):
+        remove_temp_files(Path(run_dir) / folder)
+
+
+class RunFolderReporter:
+    """A run's events into its events.jsonl, its progress lines onto stdout (train.log when the app started it).
+    Only rank 0 of a data-parallel run writes."""
+
+    def __init__(self, run_dir: Path, rank: int = 0):
+        self.run_dir, self.rank = Path(run_dir), rank
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.rank == 0:
+            append_event(self.run_dir, kind, **fields)
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
 
 
 def read_config(run_dir: Path) -> dict:

@@ -17,8 +17,8 @@ import tiny  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def mlx_memory_limit_restored():
-    """A Trainer run in-process sets MLX's process-wide memory limit (memory_limit_gb, the run-ahead bound): put
-    it back after each test, or a test's tiny limit would make later tests wait on every allocation."""
+    """A run trained in-process (trainer.run) sets MLX's process-wide memory limit (memory_limit_gb, the run-ahead
+    bound): put it back after each test, or a test's tiny limit would make later tests wait on every allocation."""
     import mlx.core as mx
 
     limit = mx.get_memory_limit()

@@ -12,11 +12,11 @@ import pytest
 import tiny
 from runhelp import cli, hash_tree
 
+from lora_app import trainer
 from lora_app.adapters import load_adapter
 from lora_app.config import DataConfig, RunConfig
 from lora_app.data import load_data
 from lora_app.models import load_model
-from lora_app.trainer import Trainer
 from lora_app.user_errors import USER_ERRORS
 
 
@@ -82,7 +82,7 @@ def kit(tiny_model: Path, text_data: Path, tmp_path_factory) -> Kit:
                                "max_seq_length": 64, "steps_per_eval": 0, "save_every": 1})
     run.mkdir()
     (run / "config.json").write_text(json.dumps(cfg.to_flat()))
-    assert Trainer(run, cfg).run() == "done"
+    assert trainer.run(run, cfg).status == "done"
     adapter = shutil.copytree(run / "adapters", root / "adapter")
     other = tiny.build_tiny_model(root / "other-model", hidden=32)
     (root / "bad").mkdir()
@@ -222,7 +222,7 @@ def test_bad_dataset_rows_are_refused(name: str, expected: str, kit: Kit) -> Non
 
 
 def test_export_of_a_truncated_adapter_writes_nothing(kit: Kit, engine_env, tmp_path: Path) -> None:
-    from lora_app.export import export_adapter
+    from lora_app.adapters import export_adapter
 
     ours = shutil.copytree(kit.adapter, tmp_path / "ours-cut")
     (ours / "adapters.safetensors").write_bytes((kit.adapter / "adapters.safetensors").read_bytes()[:1000])

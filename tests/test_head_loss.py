@@ -13,7 +13,7 @@ import lora_app.head_loss as head_loss
 from lora_app.config import LoraConfig
 from lora_app.lora import apply_lora
 from lora_app.models import load_model
-from lora_app.trainer import loss_fn
+from lora_app.objective import loss_fn
 
 
 def batch(vocab: int, packed: bool) -> tuple:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_app import runs
+from lora_app import runs, trainer
 from lora_app.config import RunConfig
 from lora_app.memory import available_memory, estimate_training_memory, memory_warning, weight_bytes
-from lora_app.trainer import Trainer, describe_failure
+from lora_app.trainer import describe_failure
 
 INFO = {"total_params": 1000, "num_blocks": 2, "hidden_size": 64, "vocab_size": 100, "num_heads": 4,
         "dtype": "float32"}
@@ -66,7 +66,7 @@ def tiny_config(model: Path, data: Path, **overrides: object) -> RunConfig:
 
 def test_trainer_warns_before_training(tiny_model, text_data, tmp_path) -> None:
     cfg = tiny_config(tiny_model, text_data, memory_limit_gb=1e-6)
-    assert Trainer(tmp_path, cfg).run() == "done"
+    assert trainer.run(tmp_path, cfg).status == "done"
     events = runs.read_events(tmp_path)
     kinds = [e["event"] for e in events]
     assert kinds.index("warning") < kinds.index("train")
@@ -99,11 +99,11 @@ def test_other_failures_keep_their_text() -> None:
 
 def test_oom_during_training_ends_the_run_plainly(tiny_model, text_data, tmp_path, monkeypatch) -> None:
     # MLX on CPU aborts (segfaults) instead of raising on a failed allocation, so raise what Metal raises.
-    def loop(self: Trainer) -> None:
+    def train(*args: object) -> None:
         raise RuntimeError(OOM_MESSAGES[0])
 
-    monkeypatch.setattr(Trainer, "loop", loop)
-    assert Trainer(tmp_path, tiny_config(tiny_model, text_data)).run() == "error"
+    monkeypatch.setattr(trainer, "train", train)
+    assert trainer.run(tmp_path, tiny_config(tiny_model, text_data)).status == "error"
     state = runs.run_state(tmp_path)
     assert state.status == "error" and state.message.startswith("out of memory")
     assert "Traceback" not in state.message and "smaller batch size" in state.message

@@ -11,10 +11,12 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import lora_app.trainer as trainer_module
+import lora_app.run_ahead as run_ahead
+from lora_app import trainer
 from lora_app.config import RunConfig
-from lora_app.runs import read_events
-from lora_app.trainer import Trainer
+from lora_app.objective import CrossEntropy
+from lora_app.runs import RunFolderReporter, read_events
+from lora_app.session import prepare
 
 
 def train_as_on_a_gpu(model: Path, data: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -25,16 +27,15 @@ def train_as_on_a_gpu(model: Path, data: Path, run_dir: Path, monkeypatch: pytes
                                **overrides})
     run_dir.mkdir()
     process_limit = mx.get_memory_limit()  # put back at the end: the limit is process-wide
-    tr = Trainer(run_dir, cfg)
-    tr.setup()
+    session = prepare(run_dir, cfg, False, RunFolderReporter(run_dir))
     limits: list[int] = []
     real_set = mx.set_memory_limit
     with monkeypatch.context() as patch:
         patch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
         patch.setattr(mx, "set_memory_limit", lambda n: (limits.append(n), real_set(n))[1])
-        tr.started = time.perf_counter()
+        session.started = time.perf_counter()
         try:
-            tr.loop()
+            trainer.train(session, CrossEntropy(session.head), RunFolderReporter(run_dir), trainer.Control(run_dir))
         finally:
             left = real_set(process_limit)
     losses = [e["loss"] for e in read_events(run_dir) if e["event"] == "train"]
@@ -47,10 +48,10 @@ def test_step_1_runs_tight_then_the_bound_leaves_headroom(tiny_model, text_data,
     assert len(limits) == 2, limits
     tight, bound = limits
     assert tight < bound <= original  # the headroom over step 1's peak, capped by the limit there was before
-    assert bound >= min(tight + trainer_module.RUN_AHEAD_MIN_HEADROOM, original)
+    assert bound >= min(tight + run_ahead.RUN_AHEAD_MIN_HEADROOM, original)
     assert left == bound
     # the limits change when work runs, not what it computes
-    monkeypatch.setattr(trainer_module, "RUN_AHEAD_MEMORY", 1e6)
+    monkeypatch.setattr(run_ahead, "RUN_AHEAD_MEMORY", 1e6)
     limits_huge, same_losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "huge", monkeypatch)
     assert limits_huge[1] == original  # never raised above the limit there was before step 1
     assert same_losses == losses and len(losses) == 6

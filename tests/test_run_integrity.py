@@ -16,7 +16,7 @@ from runhelp import cli, final_status, finish, hash_tree, make_run, start, wait_
 from lora_app import runs
 from lora_app.checkpoints import checkpoint_dirs
 from lora_app.config import RunConfig
-from lora_app.trainer import Trainer
+from lora_app.trainer import run
 from lora_app.ui import runs_step, train_step
 from lora_app.ui.context import Context
 from lora_app.ui.settings import FORM_KEYS, config_to_form
@@ -246,7 +246,7 @@ def test_a_nan_loss_at_the_first_step_keeps_the_checkpoints(finished, tiny_model
                         {k: mx.full(v.shape, 3e38, v.dtype) for k, v in weights.items()})
     before = saved(finished)
     cfg = RunConfig.from_flat({**runs.read_config(finished), "iters": 16})
-    assert Trainer(finished, cfg, resume=True).run() == "error"
+    assert run(finished, cfg, resume=True).status == "error"
     message = runs.run_state(finished).message
     assert "the first step of this process, before any update" in message and "step_0000012" in message
     assert "Lower the learning rate" not in message
@@ -261,7 +261,7 @@ def stopped_before(tiny_model, text_data, run_dir: Path, **overrides) -> list[di
                                "max_seq_length": 64, "iters": 50, **overrides})
     run_dir.mkdir()
     runs.request(run_dir, "stop")
-    assert Trainer(run_dir, cfg).run() == "stopped"
+    assert run(run_dir, cfg).status == "stopped"
     return runs.read_events(run_dir)
 
 

@@ -120,7 +120,7 @@ def test_chat_training_with_masking_end_to_end(tiny_model, chat_data, engine_env
     from lora_app.config import DataConfig
     from lora_app.data import load_data
     from lora_app.models import load_model
-    from lora_app.trainer import evaluate
+    from lora_app.objective import evaluate
 
     model, tok = load_model(str(tiny_model))
     load_adapter(model, out / "adapters")
