@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import runs
@@ -41,14 +41,15 @@ def cli(*args: str, timeout: float = 600) -> str:
     return run([sys.executable, "-m", "lora_app", *args], timeout)
 
 
-def run(cmd: list[str], timeout: float) -> str:
+def run(cmd: list[str], timeout: float, describe: Callable[[str], str] | None = None) -> str:
+    """The command's stdout; EngineError with `describe(stderr)` (default: its error line) when it fails."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=timeout,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise EngineError(f"{cmd[3] if len(cmd) > 3 else cmd[0]}: no answer within {timeout:.0f}s") from None
     if done.returncode != 0:
-        raise EngineError(error_line(done.stderr) or f"exit code {done.returncode}")
+        raise EngineError((describe or error_line)(done.stderr) or f"exit code {done.returncode}")
     return done.stdout
 
 
@@ -61,14 +62,7 @@ def preview(model: str, data: str, data_format: str, valid_fraction: float, mask
            f"--data-format={data_format}", f"--valid-fraction={valid_fraction}",  # never reads as a flag
            f"--max-seq-length={max_seq_length}", f"--batch-size={batch_size}", "--json"]
     cmd += ["--mask-prompt"] * mask_prompt + ["--skip-bad-rows"] * skip_bad_rows
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise EngineError(f"preview: no answer within {timeout:.0f}s") from None
-    if done.returncode != 0:
-        raise EngineError(error_message(done.stderr) or f"exit code {done.returncode}")
-    return json.loads(done.stdout)
+    return json.loads(run(cmd, timeout, describe=error_message))
 
 
 def error_message(stderr: str, max_lines: int = 25) -> str:
