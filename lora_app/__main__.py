@@ -243,7 +243,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_adapter
+    from .adapters import export_adapter
 
     out = export_adapter(Path(args.adapter), args.format, Path(args.out), args.model, args.dequantize)
     print(f"wrote {out}")
@@ -266,8 +266,9 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     """The Data step's preview, in its own process (the app runs it): a big dataset's memory and time stay here."""
-    from .data import format_statistics, preview_report
+    from .data import format_statistics
     from .models import resolve_model
+    from .probes import preview_report
 
     cfg = RunConfig.from_flat({"data": args.data, "data_format": args.data_format, "mask_prompt": args.mask_prompt,
                                "valid_fraction": args.valid_fraction, "skip_bad_rows": args.skip_bad_rows,

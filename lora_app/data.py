@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import reprlib
 import statistics as stats
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import DataConfig
@@ -362,20 +362,6 @@ def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: in
         out.append(PreviewRow(row.where, segments, len(tokens), sum(weights[:kept]), len(tokens) - kept,
                               hidden=kept - shown))
     return out
-
-
-def preview_report(cfg: DataConfig, tokenizer: Any, max_seq_length: int, batch_size: int,
-                   n_rows: int = 3) -> dict[str, Any]:
-    """What the Data step shows, as JSON: the first rows token by token, statistics over the first rows
-    (SAMPLE_ROWS / SAMPLE_TOKENS), notes, and probe prompts from the first validation rows. `python -m lora_app
-    preview` runs it, so the page's process never holds a whole dataset."""
-    from .probes import default_probe_prompts  # probes imports this module
-
-    source = read_source(cfg)
-    rows = preview(cfg, tokenizer, n_rows, max_seq_length, source=source)
-    loaded = load_data(cfg, tokenizer, batch_size=batch_size, source=source, sample=(SAMPLE_ROWS, SAMPLE_TOKENS))
-    return {"rows": [asdict(r) for r in rows], "statistics": statistics(loaded, max_seq_length),
-            "notes": loaded.notes, "prompts": default_probe_prompts(cfg, source=source)}
 
 
 def token_texts(tokenizer: Any, tokens: list[int], context: int = 8) -> list[str]:

@@ -1,11 +1,22 @@
-"""Default sample-probe prompts: the prompts of the first validation rows, as the user would type them."""
+"""Default sample-probe prompts: the prompts of the first validation rows, as the user would type them; and the
+Data step's preview report, which offers them (it lives here, above data.py, so data.py imports nothing back)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from .config import DataConfig
-from .data import choose_format, map_columns, prompt_completion
+from .data import (
+    SAMPLE_ROWS,
+    SAMPLE_TOKENS,
+    choose_format,
+    load_data,
+    map_columns,
+    preview,
+    prompt_completion,
+    statistics,
+)
 from .data_sources import Source, read_source
 
 MAX_PROBES = 5  # the trainer answers at most this many at each evaluation
@@ -42,3 +53,15 @@ def row_prompt(row: dict[str, Any], fmt: str) -> str:
     except (KeyError, TypeError):
         return ""
     return " ".join(text.split()) if isinstance(text, str) else ""
+
+
+def preview_report(cfg: DataConfig, tokenizer: Any, max_seq_length: int, batch_size: int,
+                   n_rows: int = 3) -> dict[str, Any]:
+    """What the Data step shows, as JSON: the first rows token by token, statistics over the first rows
+    (SAMPLE_ROWS / SAMPLE_TOKENS), notes, and probe prompts from the first validation rows. `python -m lora_app
+    preview` runs it, so the page's process never holds a whole dataset."""
+    source = read_source(cfg)
+    rows = preview(cfg, tokenizer, n_rows, max_seq_length, source=source)
+    loaded = load_data(cfg, tokenizer, batch_size=batch_size, source=source, sample=(SAMPLE_ROWS, SAMPLE_TOKENS))
+    return {"rows": [asdict(r) for r in rows], "statistics": statistics(loaded, max_seq_length),
+            "notes": loaded.notes, "prompts": default_probe_prompts(cfg, source=source)}

@@ -1,10 +1,9 @@
 """The exceptions that mean "bad input": shown to the user as one plain line, never as a traceback."""
 
-from .adapters import AdapterError
+from .adapters import AdapterError, ExportError
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .data import DataError
-from .export import ExportError
 from .lora import LoraError
 from .models import ModelError
 

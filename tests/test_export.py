@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import tiny
 
-from lora_app.adapters import AdapterError, adapter_config, load_adapter, save_adapter
+from lora_app.adapters import AdapterError, ExportError, adapter_config, export_adapter, load_adapter, save_adapter
 from lora_app.config import LoraConfig
-from lora_app.export import ExportError, export_adapter
 from lora_app.lora import adapter_tensors, apply_lora
 
 TOKENS = [[5, 17, 42, 99, 120, 7, 250, 31, 64, 200, 11, 3]]
@@ -257,7 +256,7 @@ def float_copy(model_dir: Path, out: Path) -> Path:
     import mlx.core as mx
     from mlx_lm.utils import save
 
-    from lora_app.fuse import merge, model_config
+    from lora_app.adapters.fuse import merge, model_config
     from lora_app.models import load_model
 
     model, tokenizer = load_model(str(model_dir), dequantize=False)

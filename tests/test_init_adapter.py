@@ -256,11 +256,10 @@ def test_continue_training_button_fills_in_the_adapter(run_a, mlx_lm_adapter):
 
 
 def test_init_from_a_peft_export(run_a, tiny_model, tmp_path):
-    from lora_app.adapters import init_from_adapter
+    from lora_app.adapters import export_peft, init_from_adapter
     from lora_app.config import LoraConfig
     from lora_app.lora import adapter_tensors, apply_lora
     from lora_app.models import load_model
-    from lora_app.peft_format import export_peft
 
     peft = export_peft(run_a / "adapters", tmp_path / "peft", str(tiny_model))
     model, _ = load_model(str(tiny_model))
@@ -271,7 +270,7 @@ def test_init_from_a_peft_export(run_a, tiny_model, tmp_path):
 
 
 def test_continue_training_button_reads_peft_folders(run_a, tiny_model, tmp_path):
-    from lora_app.peft_format import export_peft
+    from lora_app.adapters import export_peft
     from lora_app.ui.save_step import settings_from_adapter
 
     peft = export_peft(run_a / "adapters", tmp_path / "peft", str(tiny_model))

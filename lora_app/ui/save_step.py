@@ -1,44 +1,49 @@
-"""Step 6, Save / load: copy an adapter (a run's latest or best, or any mlx-lm adapter folder) to a folder of
-the user's choice, export it as PEFT or fused (subprocess), test it, or load its settings into the form."""
+"""Step 6, Save / load: copy an adapter (a run's latest or best, or any mlx-lm or PEFT adapter folder) to a folder
+of the user's choice, export it as PEFT or fused (subprocess), test it, or load its settings into the form."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 
-from ..adapters import AdapterError, read_adapter_config
-from ..export import ExportError, check_free
-from ..peft_format import is_peft_folder, read_peft_config
+from ..adapters.export import ExportError, check_free
+from ..adapters.reader import AdapterError, AdapterSettings, read_adapter
 from . import engine
 from .context import Context, warned
 from .runlist import adapter_choices
 from .settings import module_choices
+
+KIND_NAMES = {"ours": "adapter", "mlx-lm": "mlx_lm.lora adapter", "peft": "PEFT adapter"}
 
 
 def adapter_markdown(folder: str | None) -> str:
     if not folder:
         return "Choose an adapter."
     try:
-        config = read_adapter_config(Path(folder).expanduser())
+        s = read_adapter(Path(folder).expanduser())
     except AdapterError as e:
         return f"⚠️ {e}"
-    p, ours = config["lora_parameters"], config.get("lora_app", {})
-    where = f"blocks {ours['blocks']}" if ours else f"last {config.get('num_layers', '?')} blocks"
-    step = f" · step {config['step']}" if "step" in config else ""
-    val = f" · valid loss {config['val_loss']:.4f}" if "val_loss" in config else ""
-    return (f"rank {p['rank']} · scale {p['scale']:g} · dropout {p.get('dropout', 0)} · {where} · "
-            f"modules {', '.join(ours.get('modules') or p.get('keys') or ['all linear'])}{step}{val}\n\n"
-            f"base model `{config.get('model') or ours.get('base_model', '?')}`")
+    step = f" · step {s.step}" if s.step is not None else ""
+    val = f" · valid loss {s.val_loss:.4f}" if isinstance(s.val_loss, (int, float)) else ""
+    return (f"{KIND_NAMES[s.kind]} · rank {s.rank} · scale {s.scale:g} · dropout {s.dropout:g} · {where(s)} · "
+            f"modules {', '.join(s.modules or ['all linear'])}{step}{val}\n\n"
+            f"base model `{s.base_model or '?'}`")
+
+
+def where(s: AdapterSettings) -> str:
+    """The adapted blocks in words."""
+    if s.layers == "all":
+        return "all blocks"
+    return f"last {s.layers[5:]} blocks" if s.layers.startswith("last:") else f"blocks {s.layers}"
 
 
 def save_copy(folder: str | None, dest: str) -> str:
     """Copy the adapter folder; an existing non-empty destination is never overwritten."""
     try:
-        read_adapter_config(Path(folder or "").expanduser())
+        read_adapter(Path(folder or "").expanduser())
     except AdapterError as e:
         gr.Warning(f"Save: {e}")
         return f"⚠️ {e}"
@@ -66,56 +71,23 @@ def export_adapter(folder: str | None, fmt: str, out: str, dequantize: bool) -> 
 
 
 def settings_from_adapter(folder: str | None, info: dict | None = None) -> tuple:
-    """rank, alpha, dropout, modules, layers, model from an adapter's config (ours or mlx_lm's), and the folder
-    itself as init_adapter, so the next run continues training the adapter's weights."""
+    """rank, alpha, dropout, modules, layers, model from an adapter folder (ours, mlx_lm.lora's or PEFT's), and
+    the folder itself as init_adapter, so the next run continues training the adapter's weights."""
     path = Path(folder or "").expanduser()
     try:
-        if is_peft_folder(path):
-            return peft_settings(path, info)
-        config = read_adapter_config(path)
+        s = read_adapter(path)
     except AdapterError as e:
         gr.Warning(f"Load settings: {e}")
         return (gr.skip(),) * 7
-    p, ours = config["lora_parameters"], config.get("lora_app") or {}
-    rank = int(p["rank"])
-    if ours:
-        modules, layers = ours["modules"], ",".join(map(str, ours["blocks"]))
-    else:
-        modules = [k.split(".", 3)[-1] if k.startswith("model.layers.") else k for k in p.get("keys") or []]
-        n = int(config.get("num_layers", -1))
-        layers = "all" if n < 0 else f"last:{n}"
-    if not modules:  # mlx_lm.lora without keys adapts every linear module of a block
-        modules = list((info or {}).get("linear_modules") or [])
-        if not modules:
-            gr.Warning("Load settings: the adapter adapts every linear module; inspect the model (step 1), "
-                       "then tick them all in step 2")
-    model = config.get("model") or ours.get("base_model") or gr.skip()
-    gr.Info(f"Loaded the adapter's settings and weights: rank {rank}, modules {', '.join(modules) or 'all'}; "
-            "the next run starts from it")
-    return (rank, float(ours.get("alpha", p["scale"] * rank)), float(p.get("dropout", 0.0)),
-            gr.update(value=sorted(set(modules))) if modules else gr.skip(), layers, model, str(path))
-
-
-def peft_settings(path: Path, info: dict | None) -> tuple:
-    """settings_from_adapter for a PEFT folder, from its adapter_config.json (r, lora_alpha, target_modules,
-    layers_to_transform); the trainer checks them against the tensors before step 1."""
-    config = read_peft_config(path)
-    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(r): the same scale as ours needs alpha * sqrt(r)
-        alpha *= rank ** 0.5
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
     available = (info or {}).get("linear_modules")
-    modules = [m for m in module_choices(targets, available) if not available or m in available]
-    layers = config.get("layers_to_transform")
-    layers = ",".join(map(str, [layers] if isinstance(layers, int) else layers)) if layers else "all"
-    if not available:
-        gr.Warning("Load settings: inspect the model (step 1) so the PEFT target modules can be ticked in step 2")
-    gr.Info(f"Loaded the PEFT adapter's settings and weights: rank {rank}, modules {', '.join(targets)}; "
-            "the next run starts from it")
-    return (rank, alpha, float(config.get("lora_dropout", 0.0)),
-            gr.update(value=sorted(set(modules))) if modules else gr.skip(), layers,
-            config.get("base_model_name_or_path") or gr.skip(), str(path))
+    modules = module_choices(s.modules, available) if s.modules else sorted(set(available or []))
+    if not modules:  # mlx_lm.lora without keys adapts every linear module of a block
+        gr.Warning("Load settings: the adapter adapts every linear module; inspect the model (step 1), "
+                   "then tick them all in step 2")
+    gr.Info(f"Loaded the {KIND_NAMES[s.kind]}'s settings and weights: rank {s.rank}, modules "
+            f"{', '.join(modules) or 'all'}; the next run starts from it")
+    return (s.rank, float(s.alpha), float(s.dropout), gr.update(value=modules) if modules else gr.skip(),
+            s.layers, s.base_model or gr.skip(), str(path))
 
 
 def build(ctx: Context) -> SimpleNamespace:
@@ -130,7 +102,7 @@ def build(ctx: Context) -> SimpleNamespace:
         use = gr.Button("Test it (step 5)")
         load = gr.Button("Continue training it: load its settings and weights into the form", elem_id="load-adapter")
     with gr.Row():
-        dest = gr.Textbox(label="Save a copy to folder (mlx-lm layout)", scale=3)
+        dest = gr.Textbox(label="Save a copy to folder (same layout)", scale=3)
         save = gr.Button("Save", variant="primary", scale=0)
     with gr.Row():
         fmt = gr.Radio(["peft", "fused"], value="peft", label="Export as")
@@ -145,6 +117,3 @@ def build(ctx: Context) -> SimpleNamespace:
     export.click(export_adapter, [adapter, fmt, out, dequantize], status, api_name="export_adapter")
     return SimpleNamespace(adapter=adapter, use=use, load=load, refresh=refresh)
 
-
-def config_json(folder: str) -> str:
-    return json.dumps(read_adapter_config(Path(folder)), indent=2)
