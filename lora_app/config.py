@@ -1,4 +1,6 @@
-"""The run configuration: one dataclass per section; each field's help text is its documentation.
+"""The run configuration: one dataclass per section. Each field says everything about itself in its metadata
+(setting(): help text, the page's label, choices, bounds), which the CLI's flags, validation and the page's
+widgets (ui/form.py) all read.
 
 A run's config is stored flat (one key per field) in `config.json` and in YAML files, with mlx-lm's names
 where mlx-lm has the same setting, so `python -m lora_app train --config` and `mlx_lm.lora --config`
@@ -7,6 +9,7 @@ read the same file. This module imports neither mlx nor gradio: the UI reads con
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -37,33 +40,22 @@ class Bound:
                 f"{shown(self.high)}{')' if self.high_open else ']'}")
 
 
-# Every numeric setting's range, in one place (the CLI's --help shows them). The upper bounds are far above any
-# real run; they exist so a typo or a hostile form value (1e30) is one line here, not an overflow inside MLX.
-BOUNDS: dict[str, Bound] = {
-    "rank": Bound(1, 4096),
-    "alpha": Bound(0, 1_000_000, low_open=True),
-    "dropout": Bound(0, 1, high_open=True),
-    "valid_fraction": Bound(0, 1, low_open=True, high_open=True),
-    "split_seed": Bound(0, SEED_MAX),
-    "iters": Bound(1, 10_000_000),
-    "epochs": Bound(0, 100_000),
-    "batch_size": Bound(1, 100_000),
-    "learning_rate": Bound(0, 1e38, low_open=True),  # about float32's largest; test_nan.py trains at it
-    "warmup": Bound(0, 10_000_000),
-    "weight_decay": Bound(0, 100),
-    "grad_clip": Bound(0, 1_000_000_000),
-    "max_seq_length": Bound(1, 1_048_576),
-    "steps_per_report": Bound(1, 10_000_000),
-    "steps_per_eval": Bound(0, 10_000_000),
-    "val_batches": Bound(-1, 10_000_000),
-    "save_every": Bound(1, 10_000_000),
-    "keep_checkpoints": Bound(1, 10_000),
-    "seed": Bound(0, SEED_MAX),
-    "memory_limit_gb": Bound(0, 1_000_000),
-    "early_stop_patience": Bound(0, 1_000_000),
-    "early_stop_min_delta": Bound(0, 1_000_000),
-    "probe_max_tokens": Bound(1, 4096),
-}
+# Upper bounds are far above any real run; they exist so a typo or a hostile form value (1e30) is one line of
+# validation, not an overflow inside MLX.
+HUGE = 10_000_000
+
+
+def setting(default: Any, label: str, doc: str, *, choices: tuple[str, ...] = (), bounds: Bound | None = None) -> Any:
+    """A config field and everything said about it: `help` (the CLI's --help, the page's info line), `label` (the
+    page's), and where they apply `choices` and `bounds` (validation, the page's dropdowns and sliders)."""
+    metadata: dict[str, Any] = {"label": label, "help": doc}
+    if choices:
+        metadata["choices"] = choices
+    if bounds:
+        metadata["bounds"] = bounds
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.copy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class ConfigError(ValueError):
@@ -72,92 +64,106 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    model: str = field(default=DEMO, metadata={"help": "Model folder, Hugging Face repo id, or 'demo'."})
-    dequantize: bool | None = field(
-        default=None,
-        metadata={"help": "De-quantize a quantized base on load (default: yes on CPU, where quantized "
-                          "matmuls are slow; no on GPUs, which is QLoRA)."},
-    )
+    model: str = setting(DEMO, "Model: 'demo', a folder path or a hub repo id",
+                         "Model folder, Hugging Face repo id, or 'demo'.")
+    dequantize: bool | None = setting(
+        None, "De-quantize a quantized base (auto: yes on CPU, no on GPU = QLoRA)",
+        "De-quantize a quantized base on load (default: yes on CPU, where quantized matmuls are slow; no on GPUs, "
+        "which is QLoRA).")
 
 
 @dataclass
 class LoraConfig:
-    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Linear modules to adapt, by last name component (q_proj means self_attn.q_proj)."},
-    )
-    layers: str = field(
-        default="all", metadata={"help": "Blocks to adapt: all, last:N, A-B (inclusive) or a list like 0,2,5."}
-    )
-    init_adapter: str = field(
-        default="",
-        metadata={"help": "Adapter folder (ours, mlx_lm.lora's or PEFT) or its .safetensors file whose weights "
-                          "this run starts from; its rank, modules and blocks must match."},
-    )
+    rank: int = setting(8, "Rank r", "LoRA rank r.", bounds=Bound(1, 4096))
+    alpha: float = setting(16.0, "Alpha", "LoRA alpha; the update is scaled by alpha / rank.",
+                           bounds=Bound(0, 1_000_000, low_open=True))
+    dropout: float = setting(0.0, "Dropout", "Dropout on the LoRA input.", bounds=Bound(0, 1, high_open=True))
+    modules: list[str] = setting(
+        ["q_proj", "v_proj"], "Modules (from the inspected model)",
+        "Linear modules to adapt, by last name component (q_proj means self_attn.q_proj).")
+    layers: str = setting("all", "Blocks (all, last:N, A-B or 0,2,5)",
+                          "Blocks to adapt: all, last:N, A-B (inclusive) or a list like 0,2,5.")
+    init_adapter: str = setting(
+        "", "Start from adapter (optional: continue training an adapter)",
+        "Adapter folder (ours, mlx_lm.lora's or PEFT) or its .safetensors file whose weights this run starts from; "
+        "its rank, modules and blocks must match.")
 
 
 @dataclass
 class DataConfig:
-    data: str = field(default=DEMO, metadata={"help": "Data folder, single file, Hugging Face dataset, or 'demo'."})
-    data_format: str = field(
-        default="auto", metadata={"help": "auto, text, completions, chat or instruction."}
-    )
-    columns: dict[str, str] = field(
-        default_factory=dict,
-        metadata={"help": "Column mapping, e.g. {prompt: question, completion: answer}."},
-    )
-    hf_split: str = field(default="", metadata={"help": "Split of a Hugging Face dataset to use for training."})
-    valid_fraction: float = field(
-        default=0.1, metadata={"help": "Share of a single file held out for validation."}
-    )
-    split_seed: int = field(default=0, metadata={"help": "Seed of the train/valid split of a single file."})
-    mask_prompt: bool = field(default=False, metadata={"help": "Train on completions / assistant turns only."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip rows that cannot be used, and count them."})
+    data: str = setting(DEMO, "Data: 'demo', a folder or a file (.jsonl/.json/.csv/.parquet)",
+                        "Data folder, single file, Hugging Face dataset, or 'demo'.")
+    data_format: str = setting("auto", "Format", "auto, text, completions, chat or instruction.",
+                               choices=("auto", "text", "completions", "chat", "instruction"))
+    columns: dict[str, str] = setting({}, "Columns", "Column mapping, e.g. {prompt: question, completion: answer}.")
+    hf_split: str = setting("", "Hub dataset split", "Split of a Hugging Face dataset to use for training.")
+    valid_fraction: float = setting(0.1, "Validation share (single file)",
+                                    "Share of a single file held out for validation.",
+                                    bounds=Bound(0, 1, low_open=True, high_open=True))
+    split_seed: int = setting(0, "Split seed (single file)", "Seed of the train/valid split of a single file.",
+                              bounds=Bound(0, SEED_MAX))
+    mask_prompt: bool = setting(False, "Train on completions / assistant turns only",
+                                "Train on completions / assistant turns only.")
+    skip_bad_rows: bool = setting(False, "Skip bad rows", "Skip rows that cannot be used, and count them.")
 
 
 @dataclass
 class TrainConfig:
-    iters: int = field(default=200, metadata={"help": "Training steps (total, also when resuming)."})
-    epochs: float = field(default=0.0, metadata={"help": "If > 0, train this many epochs instead of --iters."})
-    batch_size: int = field(default=4, metadata={"help": "Sequences per step (over all processes)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
-    warmup: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (decay to 0 at the end) or constant."})
-    optimizer: str = field(default="adamw", metadata={"help": "adam or adamw."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    grad_clip: float = field(default=0.0, metadata={"help": "Clip gradients to this global norm (0: off)."})
-    max_seq_length: int = field(default=2048, metadata={"help": "Longer sequences are truncated."})
-    batching: str = field(
-        default="packed",
-        metadata={"help": ("packed (short rows share a row up to the max sequence length, few shapes: fast; a step "
-                           "then holds more tokens, so an epoch takes fewer steps) or padded (one row each).")},
-    )
-    steps_per_report: int = field(default=10, metadata={"help": "Steps between train-loss reports."})
-    steps_per_eval: int = field(default=50, metadata={"help": "Steps between validations (0: never)."})
-    val_batches: int = field(default=25, metadata={"help": "Validation batches (-1: the whole set)."})
-    save_every: int = field(default=100, metadata={"help": "Steps between checkpoints."})
-    keep_checkpoints: int = field(default=3, metadata={"help": "Checkpoints kept (the newest is never deleted)."})
-    seed: int = field(default=0, metadata={"help": "Random seed (LoRA init, data order, dropout)."})
-    grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations: less memory, slower."})
-    memory_limit_gb: float = field(default=0.0, metadata={"help": (
+    iters: int = setting(200, "Iterations", "Training steps (total, also when resuming).", bounds=Bound(1, HUGE))
+    epochs: float = setting(0.0, "Epochs (if > 0, instead of iterations)",
+                            "If > 0, train this many epochs instead of --iters.", bounds=Bound(0, 100_000))
+    batch_size: int = setting(4, "Batch size", "Sequences per step (over all processes).",
+                              bounds=Bound(1, 100_000))
+    learning_rate: float = setting(1e-4, "Learning rate", "Peak learning rate.",
+                                   bounds=Bound(0, 1e38, low_open=True))  # ~float32's largest; test_nan.py trains at it
+    warmup: int = setting(0, "Warm-up steps", "Linear warm-up steps.", bounds=Bound(0, HUGE))
+    lr_schedule: str = setting("cosine", "Schedule", "cosine (decay to 0 at the end) or constant.",
+                               choices=("cosine", "constant"))
+    optimizer: str = setting("adamw", "Optimizer", "adam or adamw.", choices=("adam", "adamw"))
+    weight_decay: float = setting(0.0, "Weight decay", "AdamW weight decay.", bounds=Bound(0, 100))
+    grad_clip: float = setting(0.0, "Gradient clip (0: off)", "Clip gradients to this global norm (0: off).",
+                               bounds=Bound(0, 1_000_000_000))
+    max_seq_length: int = setting(2048, "Max sequence length", "Longer sequences are truncated.",
+                                  bounds=Bound(1, 1_048_576))
+    batching: str = setting(
+        "packed", "Batching",
+        "packed (short rows share a row up to the max sequence length, few shapes: fast; a step then holds more "
+        "tokens, so an epoch takes fewer steps) or padded (one row each).", choices=("packed", "padded"))
+    steps_per_report: int = setting(10, "Steps per report", "Steps between train-loss reports.",
+                                    bounds=Bound(1, HUGE))
+    steps_per_eval: int = setting(50, "Steps per eval (0: never)", "Steps between validations (0: never).",
+                                  bounds=Bound(0, HUGE))
+    val_batches: int = setting(25, "Validation batches (-1: all)", "Validation batches (-1: the whole set).",
+                               bounds=Bound(-1, HUGE))
+    save_every: int = setting(100, "Save every (steps)", "Steps between checkpoints.", bounds=Bound(1, HUGE))
+    keep_checkpoints: int = setting(3, "Checkpoints kept", "Checkpoints kept (the newest is never deleted).",
+                                    bounds=Bound(1, 10_000))
+    seed: int = setting(0, "Seed", "Random seed (LoRA init, data order, dropout).", bounds=Bound(0, SEED_MAX))
+    grad_checkpoint: bool = setting(False, "Gradient checkpointing (less memory, slower)",
+                                    "Recompute activations: less memory, slower.")
+    memory_limit_gb: float = setting(
+        0.0, "Memory limit (GB, 0: automatic)",
         "Cap MLX memory (GB). 0: on a GPU, a cap a little above the first step's peak, which keeps memory low; a "
-        "higher cap lets MLX run further ahead of the GPU, faster at more memory (bench/RESULTS.md).")})
-    early_stop_patience: int = field(
-        default=0, metadata={"help": "Stop after this many evaluations without improvement (0: off)."}
-    )
-    early_stop_min_delta: float = field(
-        default=0.0, metadata={"help": "Smallest validation-loss drop that counts as improvement."}
-    )
-    probe_prompts: list[str] = field(
-        default_factory=list, metadata={"help": "Up to 5 prompts answered greedily at each evaluation."}
-    )
-    probe_max_tokens: int = field(default=32, metadata={"help": "Tokens generated per probe answer."})
+        "higher cap lets MLX run further ahead of the GPU, faster at more memory (bench/RESULTS.md).",
+        bounds=Bound(0, 1_000_000))
+    early_stop_patience: int = setting(0, "Early stop: patience (evals, 0: off)",
+                                       "Stop after this many evaluations without improvement (0: off).",
+                                       bounds=Bound(0, 1_000_000))
+    early_stop_min_delta: float = setting(0.0, "Early stop: min improvement",
+                                          "Smallest validation-loss drop that counts as improvement.",
+                                          bounds=Bound(0, 1_000_000))
+    probe_prompts: list[str] = setting(
+        [], "Sample probes: up to 5 prompts, one per line, answered greedily at each evaluation",
+        "Up to 5 prompts answered greedily at each evaluation.")
+    probe_max_tokens: int = setting(32, "Probe answer tokens", "Tokens generated per probe answer.",
+                                    bounds=Bound(1, 4096))
 
 
 SECTIONS = (ModelConfig, LoraConfig, DataConfig, TrainConfig)
+# Each numeric setting's range and each enumerated setting's choices, read from the fields above.
+BOUNDS: dict[str, Bound] = {f.name: f.metadata["bounds"] for s in SECTIONS for f in fields(s) if "bounds" in f.metadata}
+CHOICES: dict[str, tuple[str, ...]] = {f.name: f.metadata["choices"] for s in SECTIONS for f in fields(s)
+                                       if "choices" in f.metadata}
 
 
 @dataclass
@@ -193,23 +199,15 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        lo, tr, da = self.lora, self.train, self.data
-        numbers = {name: getattr(section, name) for section in (lo, da, tr) for name in BOUNDS
-                   if hasattr(section, name)}
-        problems = [p for name, value in numbers.items() if (p := bound_problem(name, value))]
+        lo, tr, flat = self.lora, self.train, self.to_flat()
+        problems = [p for name in BOUNDS if (p := bound_problem(name, flat[name]))]
         if not lo.modules:
             problems.append("modules: choose at least one module to adapt")
         if p := layers_problem(str(lo.layers)):
             problems.append(p)
-        if da.data_format not in ("auto", "text", "completions", "chat", "instruction"):
-            problems.append(f"data_format must be auto, text, completions, chat or instruction "
-                            f"(got {da.data_format!r})")
-        if tr.lr_schedule not in ("cosine", "constant"):
-            problems.append(f"lr_schedule must be cosine or constant (got {tr.lr_schedule!r})")
-        if tr.optimizer not in ("adam", "adamw"):
-            problems.append(f"optimizer must be adam or adamw (got {tr.optimizer!r})")
-        if tr.batching not in ("packed", "padded"):
-            problems.append(f"batching must be packed or padded (got {tr.batching!r})")
+        for name, choices in CHOICES.items():
+            if flat[name] not in choices:
+                problems.append(f"{name} must be {or_list(choices)} (got {flat[name]!r})")
         if len(tr.probe_prompts) > 5:
             problems.append(f"probe_prompts: at most 5 prompts (got {len(tr.probe_prompts)})")
         if problems:
@@ -225,6 +223,11 @@ def shown(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
         return f"{float(value):.3g}" if abs(value) < 10**300 else f"about 1e+{int(math.log10(abs(value)))}"
     return str(value)
+
+
+def or_list(words: tuple[str, ...]) -> str:
+    """('a', 'b', 'c') -> 'a, b or c'."""
+    return " or ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

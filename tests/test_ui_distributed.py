@@ -16,7 +16,7 @@ from lora_app.config import ConfigError, RunConfig
 from lora_app.distributed import launch_command, read_hostfile
 from lora_app.ui import launch, timeline, train_step
 from lora_app.ui.context import Context
-from lora_app.ui.settings import FORM_KEYS, command_preview, config_to_form
+from lora_app.ui.settings import command_preview, config_to_form
 
 HERE, N, FILE, LIST = launch.MODES
 
@@ -147,7 +147,7 @@ def test_command_preview_shows_the_launch():
     for mode in (FILE, LIST):
         assert command_preview(config, extra=launch.preview_args(mode, 2)).endswith(
             "--hosts 'runs/<name>/hosts.json'")
-    assert train_step.preview_command(*form_values(), N, 3).endswith("--nproc 3")
+    assert train_step.preview_command(N, 3, **form_values()).endswith("--nproc 3")
 
 
 def test_stats_name_the_processes_and_hosts():
@@ -162,9 +162,8 @@ def test_stats_name_the_processes_and_hosts():
     assert stats.startswith("**2 processes**: me ×2 · **train loss**")
 
 
-def form_values(**overrides) -> list:
-    values = {**config_to_form(RunConfig()), "model": "/m", "data": "/d", **overrides}
-    return [values[k] for k in FORM_KEYS]
+def form_values(**overrides) -> dict:
+    return {**config_to_form(RunConfig()), "model": "/m", "data": "/d", **overrides}
 
 
 def test_start_refuses_bad_launch_input_without_a_run_folder(tmp_path, monkeypatch):
@@ -173,13 +172,13 @@ def test_start_refuses_bad_launch_input_without_a_run_folder(tmp_path, monkeypat
     ctx = Context(tmp_path / "runs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gr.Warning outside a request is a Python warning
-        _, message = train_step.start_run(ctx, "x", *form_values(), N, 64, None, "")
+        _, message = train_step.start(ctx, "x", N, 64, None, "", **form_values())
         assert message.startswith("⚠️ Processes: 64 is not between 2")
-        _, message = train_step.start_run(ctx, "x", *form_values(), LIST, 2, None, "a b")
+        _, message = train_step.start(ctx, "x", LIST, 2, None, "a b", **form_values())
         assert message.startswith("⚠️ Hosts:")
     assert not (tmp_path / "runs").exists() and not started
 
-    name, message = train_step.start_run(ctx, "dp", *form_values(), N, 2, None, "")
+    name, message = train_step.start(ctx, "dp", N, 2, None, "", **form_values())
     assert name == "dp" and "on 2 processes" in message
     assert started == [(ctx.runs_dir / "dp", {"extra": ["--nproc", "2"]})]
     # Resume launches the run the way it was started.

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..config import ConfigError
+from ..config import ConfigError, LoraConfig
+from . import form
 from .estimates import adapter_summary
 from .settings import layers_from_range, module_choices, range_from_layers
 
-DEFAULT_MODULES = ["self_attn.q_proj", "self_attn.v_proj"]
 # Until a model is inspected: the llama family's linear modules (most models on the hub use these names).
 LLAMA_MODULES = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
                  "self_attn.q_proj", "self_attn.v_proj"]
@@ -39,7 +39,7 @@ def on_info(info: dict, layers: str, modules: list[str]) -> tuple:
     first, last = range_from_layers(layers, n)
     available = info["linear_modules"]
     keep = [m for m in module_choices(modules or [], available) if m in available]
-    keep = keep or [m for m in module_choices(["q_proj", "v_proj"], available) if m in available] or available[:1]
+    keep = keep or [m for m in module_choices(LoraConfig().modules, available) if m in available] or available[:1]
     return (gr.update(maximum=max(n - 1, 0), value=first), gr.update(maximum=max(n - 1, 0), value=last),
             gr.update(choices=available, value=keep))
 
@@ -49,14 +49,13 @@ def build() -> SimpleNamespace:
     with gr.Row():
         first = gr.Slider(0, 31, value=0, step=1, label="First block", elem_id="block-first")
         last = gr.Slider(0, 31, value=31, step=1, label="Last block", elem_id="block-last")
-        layers = gr.Textbox("all", label="Blocks (all, last:N, A-B or 0,2,5)", elem_id="layers")
-    modules = gr.CheckboxGroup(LLAMA_MODULES, value=DEFAULT_MODULES, label="Modules (from the inspected model)",
-                               elem_id="modules")
+        layers = form.widget("layers", info=None, elem_id="layers")
+    modules = gr.CheckboxGroup(LLAMA_MODULES, **form.props("modules", info=None, elem_id="modules"))
     with gr.Row():
-        rank = gr.Number(8, precision=0, label="Rank r", elem_id="rank")
-        alpha = gr.Number(16, label="Alpha", elem_id="alpha")
-        dropout = gr.Slider(0, 0.5, value=0.0, step=0.05, label="Dropout")
-        scale = gr.Markdown(scale_text(8, 16), elem_id="scale")
+        rank = form.widget("rank", elem_id="rank")
+        alpha = form.widget("alpha", elem_id="alpha")
+        dropout = form.slider("dropout", 0.05)
+        scale = gr.Markdown(scale_text(rank.value, alpha.value), elem_id="scale")
     summary = gr.Markdown("Inspect the model (step 1) to see trainable parameters and sizes.",
                           elem_id="adapter-summary")
     rank.change(scale_text, [rank, alpha], scale, api_name="scale", show_progress="hidden")

@@ -39,13 +39,13 @@ def build_app(runs_dir: str | Path = "runs", models_dir: str | Path | None = Non
             with gr.Tab("Compare"):
                 c = runs_step.build_compare(ctx)
         parts = {**vars(m), **vars(a), **vars(d), **vars(t)}
-        form = [parts[k] for k in FORM_KEYS]
+        form = {k: parts[k] for k in FORM_KEYS}  # the settings' widgets by config name
         wire(ctx, m, a, d, t, p, s, r, c, info, form)
         demo.load(lambda: train_step.initial_run(ctx), None, t.current, api_name="attach")
     return demo
 
 
-def wire(ctx, m, a, d, t, p, s, r, c, info, form) -> None:
+def wire(ctx, m, a, d, t, p, s, r, c, info, form: dict) -> None:
     """Events between steps."""
     gr.on([m.inspect.click, m.model.submit], model_step.inspect_model, m.model, [info, m.info_md],
           api_name="inspect").then(model_step.backend_markdown, None, m.backend_md, api_name="backend")

@@ -12,8 +12,8 @@ from typing import Any
 import gradio as gr
 
 from ..config import ConfigError
+from . import form
 
-FORMATS = ["auto", "text", "completions", "chat", "instruction"]
 MAX_SEQ_LENGTH = 1 << 20  # bounds for the numbers that arrive from the page
 MAX_BATCH_SIZE = 1 << 16
 
@@ -87,17 +87,17 @@ def build() -> SimpleNamespace:
     gr.Markdown("Training data: the **demo** task (dates to ISO format, chat), a folder with "
                 "`train.jsonl` / `valid.jsonl` / `test.jsonl`, or one file that is split into train and validation.")
     source = gr.Radio(["demo", "folder", "single file"], value="demo", label="Source")
-    data = gr.Textbox("demo", label="Data: 'demo', a folder or a file (.jsonl/.json/.csv/.parquet)",
-                      elem_id="data-path")
+    data = form.widget("data", info=None, elem_id="data-path")
     with gr.Row():
-        data_format = gr.Dropdown(FORMATS, value="auto", label="Format")
-        valid_fraction = gr.Slider(0.01, 0.5, value=0.1, step=0.01, label="Validation share (single file)")
-        mask_prompt = gr.Checkbox(False, label="Train on completions / assistant turns only")
-        skip_bad_rows = gr.Checkbox(False, label="Skip bad rows")
+        data_format = form.widget("data_format")
+        valid_fraction = form.slider("valid_fraction", 0.01)
+        split_seed = form.widget("split_seed")
+        mask_prompt = form.widget("mask_prompt", info=None)
+        skip_bad_rows = form.widget("skip_bad_rows")
     preview = gr.Button("Preview and statistics", variant="primary")
     stats = gr.Markdown("", elem_id="data-stats")
     rows = gr.HTML("", elem_id="data-preview")
     source.input(pick_source, [source, data], data, api_name="pick_data_source")
     return SimpleNamespace(source=source, data=data, data_format=data_format, valid_fraction=valid_fraction,
-                           mask_prompt=mask_prompt, skip_bad_rows=skip_bad_rows, preview=preview, stats=stats,
-                           rows=rows)
+                           split_seed=split_seed, mask_prompt=mask_prompt, skip_bad_rows=skip_bad_rows,
+                           preview=preview, stats=stats, rows=rows)

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from . import engine
+from . import engine, form
 from .context import Context
+from .settings import DEQUANTIZE
 
 
 def info_markdown(info: dict) -> str:
@@ -56,9 +57,8 @@ def build(ctx: Context) -> SimpleNamespace:
         found = gr.Dropdown(model_list(ctx), value="demo", label="Found models (demo, HF cache, models folder)",
                             scale=2)
         refresh = gr.Button("↻ Refresh list", scale=0)
-    model = gr.Textbox("demo", label="Model: 'demo', a folder path or a hub repo id", elem_id="model-path")
-    dequantize = gr.Radio(["auto", "yes", "no"], value="auto", label="De-quantize a quantized base "
-                          "(auto: yes on CPU, no on GPU = QLoRA)")
+    model = form.widget("model", info=None, elem_id="model-path")
+    dequantize = gr.Radio(list(DEQUANTIZE), **form.props("dequantize"))
     inspect = gr.Button("Inspect model", variant="primary", elem_id="inspect-model")
     info_md = gr.Markdown("Not inspected yet.", elem_id="model-info")
     backend_md = gr.Markdown("", elem_id="backend-info")

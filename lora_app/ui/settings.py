@@ -1,7 +1,8 @@
 """The form's values <-> a RunConfig: validation, mlx_lm.lora YAML in and out, the equivalent CLI command.
 
-Engine-free. The form holds one component per config key (FORM_KEYS, in this order); `layers` is a spec
-string kept in step with the block-range sliders, `modules` holds in-block paths (self_attn.q_proj).
+Engine-free. The form holds one component per config key (FORM_KEYS) and hands them to handlers by name;
+`layers` is a spec string kept in step with the block-range sliders, `modules` holds in-block paths
+(self_attn.q_proj), `dequantize` is auto/yes/no and `probe_prompts` one prompt per line.
 """
 
 from __future__ import annotations
@@ -24,13 +25,9 @@ from ..config import (
     to_mlx_lm_yaml_dict,
 )
 
-FORM_KEYS = (
-    "model", "dequantize", "layers", "modules", "rank", "alpha", "dropout",
-    "data", "data_format", "valid_fraction", "mask_prompt", "skip_bad_rows",
-    "iters", "epochs", "batch_size", "learning_rate", "warmup", "lr_schedule", "max_seq_length", "batching",
-    "steps_per_report", "steps_per_eval", "val_batches", "save_every", "seed", "grad_checkpoint",
-    "early_stop_patience", "early_stop_min_delta", "probe_prompts", "probe_max_tokens", "init_adapter",
-)
+# The config fields the page does not show (form.py says why); the form is every other field, in the config's order.
+CLI_ONLY = ("columns", "hf_split")
+FORM_KEYS = tuple(name for name in field_defaults() if name not in CLI_ONLY)
 DEQUANTIZE = {"auto": None, "yes": True, "no": False}
 BLOCK_NUMBER = f"([0-9]{{1,{len(str(MAX_BLOCK))}}})"  # no model has a block number longer than MAX_BLOCK's
 BLOCK_NUMBER_LAST = re.compile(f"last:{BLOCK_NUMBER}")

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
@@ -16,6 +17,7 @@ from .. import runs
 from ..config import ConfigError, RunConfig, save_config_json
 from . import launch, timeline
 from .context import Context, warned
+from .form import widget
 from .loss_plot import HOVER_JS, loss_svg
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
@@ -30,18 +32,26 @@ FOLLOWING: dict[str | None, object] = {}
 PLOT_POINTS = 200  # per series in the live loss plot: each is redrawn on every update (timeline.thin)
 ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
 STARTING = threading.Lock()  # held from the "no run is active" check until the new process holds its run's lock
+# The launch choice's values as start() takes them, after the form's in the /start API (hostfile: the upload's path).
+LAUNCH_KEYS = ("mode", "nproc", "hostfile", "hosts")
 
 
 # ---- handlers ------------------------------------------------------------------------------------------
 
-def start_run(ctx: Context, name: str, *values) -> tuple[str, str]:
+def start_run(ctx: Context, name: str, *values: Any) -> tuple[str, str]:
+    """start() called as the /start API is, by position (gradio_client, tests): the form's values in FORM_KEYS
+    order, then the launch choice (LAUNCH_KEYS; those left out take start()'s defaults)."""
+    return start(ctx, name, **dict(zip((*FORM_KEYS, *LAUNCH_KEYS), values)))
+
+
+def start(ctx: Context, name: str, mode: str = launch.MODES[0], nproc: float = 2, hostfile: str | None = None,
+          hosts: str = "", **form_values: Any) -> tuple[str, str]:
     """Write the run folder and start its training process; refused while another run is active.
-    `values`: the form (FORM_KEYS), then the launch choice (mode, processes, hostfile, hosts)."""
+    `form_values`: the form by config name; the rest is the launch choice."""
     try:
-        config = form_to_config(dict(zip(FORM_KEYS, values)))
+        config = form_to_config(form_values)
     except ConfigError as e:
         return gr.skip(), warned(f"Settings: {e}")
-    mode, nproc, hostfile, hosts = (*values[len(FORM_KEYS):], launch.MODES[0], 2, None, "")[:4]
     try:
         choice = launch.check_launch(mode, nproc, hostfile, hosts, config.train.batch_size)
         safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in (name or "").strip()).strip(".")
@@ -193,19 +203,17 @@ def launch_fields(mode: str) -> tuple:
             gr.update(visible=mode == launch.MODES[3]))
 
 
-def preview_command(*values) -> str:
-    """`values`: the form (FORM_KEYS), then the launch mode and the number of processes."""
-    mode, nproc = (*values[len(FORM_KEYS):], launch.MODES[0], 2)[:2]
+def preview_command(mode: str = launch.MODES[0], nproc: float = 2, **form_values: Any) -> str:
+    """The equivalent command of the form (by config name) and the launch choice."""
     try:
-        return command_preview(form_to_config(dict(zip(FORM_KEYS, values))),
-                               extra=launch.preview_args(mode, nproc))
+        return command_preview(form_to_config(form_values), extra=launch.preview_args(mode, nproc))
     except ConfigError as e:
         return f"# settings not valid yet: {e}"
 
 
-def export_settings(*values) -> str | None:
+def export_settings(**form_values: Any) -> str | None:
     try:
-        text = export_yaml(form_to_config(dict(zip(FORM_KEYS, values))))
+        text = export_yaml(form_to_config(form_values))
     except ConfigError as e:
         gr.Warning(f"Export YAML: {e}")
         return None
@@ -215,6 +223,7 @@ def export_settings(*values) -> str | None:
 
 
 def import_settings(path: str | None, info: dict) -> list:
+    """The form's values from an uploaded YAML, in FORM_KEYS order (the order of the event's outputs)."""
     if not path:
         return [gr.skip()] * len(FORM_KEYS)
     try:
@@ -232,36 +241,27 @@ def import_settings(path: str | None, info: dict) -> list:
 
 # ---- layout ----------------------------------------------------------------------------------------------
 
+# The Train step's settings, row by row; the elem_ids the browser tests fill in.
+HYPER_ROWS = (
+    ("iters", "epochs", "batch_size", "learning_rate", "warmup", "lr_schedule"),
+    ("optimizer", "weight_decay", "grad_clip", "max_seq_length", "batching", "memory_limit_gb"),
+    ("steps_per_report", "steps_per_eval", "val_batches", "save_every", "keep_checkpoints", "seed"),
+    ("grad_checkpoint", "early_stop_patience", "early_stop_min_delta", "probe_max_tokens"),
+)
+ELEM_IDS = {"iters": "iters", "learning_rate": "learning-rate", "steps_per_report": "steps-per-report"}
+
+
 def build() -> SimpleNamespace:
     c = SimpleNamespace()
     with gr.Accordion("Hyper-parameters", open=True):
-        with gr.Row():
-            c.iters = gr.Number(200, precision=0, label="Iterations", elem_id="iters")
-            c.epochs = gr.Number(0, label="Epochs (if > 0, instead of iterations)")
-            c.batch_size = gr.Number(4, precision=0, label="Batch size")
-            c.learning_rate = gr.Number(1e-4, label="Learning rate", elem_id="learning-rate")
-            c.warmup = gr.Number(0, precision=0, label="Warm-up steps")
-            c.lr_schedule = gr.Dropdown(["cosine", "constant"], value="cosine", label="Schedule")
-        with gr.Row():
-            c.max_seq_length = gr.Number(2048, precision=0, label="Max sequence length")
-            c.batching = gr.Dropdown(["packed", "padded"], value="packed", label="Batching")
-            c.steps_per_report = gr.Number(10, precision=0, label="Steps per report",
-                                           elem_id="steps-per-report")
-            c.steps_per_eval = gr.Number(50, precision=0, label="Steps per eval (0: never)")
-            c.val_batches = gr.Number(25, precision=0, label="Validation batches (-1: all)")
-            c.save_every = gr.Number(100, precision=0, label="Save every (steps)")
-            c.seed = gr.Number(0, precision=0, label="Seed")
-        with gr.Row():
-            c.grad_checkpoint = gr.Checkbox(False, label="Gradient checkpointing (less memory, slower)")
-            c.early_stop_patience = gr.Number(0, precision=0, label="Early stop: patience (evals, 0: off)")
-            c.early_stop_min_delta = gr.Number(0.0, label="Early stop: min improvement")
-            c.probe_max_tokens = gr.Number(32, precision=0, label="Probe answer tokens")
-        c.probe_prompts = gr.Textbox("", lines=3, label="Sample probes: up to 5 prompts, one per line, answered "
-                                     "greedily at each evaluation")
-        c.init_adapter = gr.Textbox("", label="Start from adapter (optional: continue training an adapter)",
-                                    placeholder="an adapter folder (ours, mlx_lm.lora's or PEFT); its rank, modules "
-                                    "and blocks must match step 2. Step 6's 'Continue training it' fills this in.",
-                                    elem_id="init-adapter")
+        for row in HYPER_ROWS:
+            with gr.Row():
+                for name in row:
+                    setattr(c, name, widget(name, elem_id=ELEM_IDS.get(name)))
+        c.probe_prompts = widget("probe_prompts", lines=3, info=None)
+        c.init_adapter = widget("init_adapter", elem_id="init-adapter",
+                                placeholder="an adapter folder (ours, mlx_lm.lora's or PEFT); its rank, modules and "
+                                "blocks must match step 2. Step 6's 'Continue training it' fills this in.")
     with gr.Accordion("Several processes or machines (data-parallel)", open=False):
         gr.Markdown("Each process takes an equal share of every batch and the gradients are averaged "
                     "(`mlx.launch`). Only the first host writes the run folder, so list this machine first "
@@ -304,10 +304,12 @@ def build() -> SimpleNamespace:
     return c
 
 
-def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
-    parallel = [c.launch_mode, c.nproc, c.hostfile_path, c.hosts]
-    c.start.click(lambda name, *v: start_run(ctx, name, *v), [c.run_name, *form, *parallel],
-                  [c.current, c.message], api_name="start")
+def wire(ctx: Context, c: SimpleNamespace, form: dict[str, gr.components.Component], info: gr.State) -> None:
+    """`form`: the settings' widgets by config name (settings.FORM_KEYS, in that order: the APIs' order), which
+    the handlers receive as keyword arguments of the same names."""
+    launch_in = {"mode": c.launch_mode, "nproc": c.nproc, "hostfile": c.hostfile_path, "hosts": c.hosts}
+    c.start.click(lambda name, **named: start(ctx, name, **named), [c.run_name], [c.current, c.message],
+                  inputs_kwargs={**form, **launch_in}, api_name="start")
     c.launch_mode.change(launch_fields, c.launch_mode, [c.nproc, c.hostfile, c.hosts], api_name="launch_mode",
                          show_progress="hidden")
     c.hostfile.change(lambda path: path, c.hostfile, c.hostfile_path, api_name="hostfile", show_progress="hidden")
@@ -333,10 +335,11 @@ def wire(ctx: Context, c: SimpleNamespace, form: list, info: gr.State) -> None:
     # The same answer once, for scripts (gradio_client): an event with no trigger on the page.
     gr.on([], lambda cur, seen: poll(ctx, cur, seen), [c.current, c.seen], live, api_name="poll",
           show_progress="hidden", queue=False)
-    gr.on([x.change for x in [*form, c.launch_mode, c.nproc]], preview_command, [*form, c.launch_mode, c.nproc],
-          c.command, api_name="command_preview", show_progress="hidden")
-    c.export.click(export_settings, form, c.export_file, api_name="export_settings_yaml")
+    gr.on([x.change for x in [*form.values(), c.launch_mode, c.nproc]], preview_command, None, c.command,
+          inputs_kwargs={**form, "mode": c.launch_mode, "nproc": c.nproc}, api_name="command_preview",
+          show_progress="hidden")
+    c.export.click(export_settings, None, c.export_file, inputs_kwargs=form, api_name="export_settings_yaml")
     # The loading status on the upload, not on the 25 fields: gradio updates every component that has carried a
     # status again on each later request of the page, polls included (bench/ui_overhead.py --browser).
-    c.import_file.upload(import_settings, [c.import_file, info], form, api_name="import_yaml",
+    c.import_file.upload(import_settings, [c.import_file, info], list(form.values()), api_name="import_yaml",
                          show_progress_on=c.import_file)
