@@ -144,7 +144,7 @@ class TrainConfig:
     memory_limit_gb: float = setting(
         0.0, "Memory limit (GB, 0: automatic)",
         "Cap MLX memory (GB). 0: on a GPU, a cap a little above the first step's peak, which keeps memory low; a "
-        "higher cap lets MLX run further ahead of the GPU, faster at more memory (bench/RESULTS.md).",
+        "higher cap lets MLX run further ahead of the GPU, faster at more memory (bench/README.md).",
         bounds=Bound(0, 1_000_000))
     early_stop_patience: int = setting(0, "Early stop: patience (evals, 0: off)",
                                        "Stop after this many evaluations without improvement (0: off).",
