@@ -353,7 +353,12 @@ def translate_mlx_lm_keys(flat: dict[str, Any]) -> dict[str, Any]:
             flat.setdefault("modules", [k.rsplit(".", 1)[-1] for k in params["keys"]])
     if "num_layers" in flat:
         n = flat.pop("num_layers")
-        flat.setdefault("layers", "all" if n in (-1, None) else f"last:{int(n)}")
+        try:
+            n = None if n is None else int(n)
+        except (TypeError, ValueError):
+            raise ConfigError(f"num_layers: expected a whole number, got {n!r}") from None
+        # mlx-lm adapts model.layers[-max(n, 0):]: 0 and below mean every block, as in adapters/reader.py
+        flat.setdefault("layers", "all" if n is None or n <= 0 else f"last:{n}")
     schedule = flat.pop("lr_schedule", None)
     if isinstance(schedule, dict):  # mlx-lm form: {name: cosine_decay, arguments: [...], warmup: N}
         flat["lr_schedule"] = "cosine" if "cosine" in schedule.get("name", "") else "constant"

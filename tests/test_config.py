@@ -91,3 +91,14 @@ def test_layer_numbers_and_length_are_bounded(spec: str, message: str) -> None:
     assert refusal({"layers": spec}) == message
     assert time.perf_counter() - start < 0.5
     RunConfig.from_flat({"layers": f"0-{MAX_BLOCK}"})  # the model's own size is checked when it is loaded
+
+
+@pytest.mark.parametrize("num_layers, layers", [(0, "all"), (-1, "all"), (-3, "all"), (None, "all"), (2, "last:2")])
+def test_mlx_lm_num_layers_reads_as_mlx_lm_adapts(num_layers, layers) -> None:
+    """mlx-lm adapts model.layers[-max(num_layers, 0):]: 0 and below are every block (adapters/reader.py agrees)."""
+    assert RunConfig.from_flat({"num_layers": num_layers}).lora.layers == layers
+
+
+def test_num_layers_not_a_number_is_one_line() -> None:
+    with pytest.raises(ConfigError, match="^num_layers: expected a whole number, got 'many'$"):
+        RunConfig.from_flat({"num_layers": "many"})

@@ -11,11 +11,11 @@ from typing import Any
 
 import gradio as gr
 
-from ..config import ConfigError
+from ..config import BOUNDS, ConfigError
 from . import form
 
-MAX_SEQ_LENGTH = 1 << 20  # bounds for the numbers that arrive from the page
-MAX_BATCH_SIZE = 1 << 16
+MAX_SEQ_LENGTH = int(BOUNDS["max_seq_length"].high)  # the numbers that arrive from the page, bounded as in training
+MAX_BATCH_SIZE = int(BOUNDS["batch_size"].high)
 
 
 def preview_html(rows: list) -> str:
