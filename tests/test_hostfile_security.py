@@ -22,7 +22,7 @@ from lora_app.config import ConfigError, RunConfig
 from lora_app.distributed import launch_command
 from lora_app.ui import launch, train_step
 from lora_app.ui.context import Context
-from lora_app.ui.settings import FORM_KEYS, config_to_form
+from lora_app.ui.settings import config_to_form
 
 HERE, N, FILE, LIST = launch.MODES
 LOCAL = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}
@@ -126,9 +126,8 @@ def test_the_cli_hands_mlx_launch_a_checked_copy_not_the_users_file(tmp_path):
     assert json.loads((run_dir / "hosts.json").read_text()) == [MAC, MAC]
 
 
-def form_values() -> list:
-    values = {**config_to_form(RunConfig()), "model": "/m", "data": "/d"}
-    return [values[k] for k in FORM_KEYS]
+def form_values() -> dict:
+    return {**config_to_form(RunConfig()), "model": "/m", "data": "/d"}
 
 
 def test_start_shows_the_refusal_and_makes_no_run_folder(tmp_path, monkeypatch):
@@ -139,7 +138,7 @@ def test_start_shows_the_refusal_and_makes_no_run_folder(tmp_path, monkeypatch):
     ctx = Context(tmp_path / "runs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gr.Warning outside a request is a Python warning
-        _, message = train_step.start_run(ctx, "x", *form_values(), FILE, 2, str(upload), "")
+        _, message = train_step.start(ctx, "x", FILE, 2, str(upload), "", **form_values())
     assert message.startswith('⚠️ Hostfile: the top level has "envs"')
     assert not started and not (tmp_path / "runs").exists()
 

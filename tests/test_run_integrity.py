@@ -19,14 +19,13 @@ from lora_app.config import RunConfig
 from lora_app.trainer import run
 from lora_app.ui import runs_step, train_step
 from lora_app.ui.context import Context
-from lora_app.ui.settings import FORM_KEYS, config_to_form
+from lora_app.ui.settings import config_to_form
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
 
 
-def form_values(**overrides) -> list:
-    values = {**config_to_form(RunConfig()), **overrides}
-    return [values[k] for k in FORM_KEYS]
+def form_values(**overrides) -> dict:
+    return {**config_to_form(RunConfig()), **overrides}
 
 
 # ---- run names from the page -----------------------------------------------------------------------------
@@ -80,7 +79,7 @@ def test_a_run_name_too_long_is_one_clear_line(tmp_path, monkeypatch) -> None:
     started = []
     monkeypatch.setattr(runs, "start_training", lambda *a, **k: started.append(a))
     ctx = Context(tmp_path / "runs")
-    name, message = train_step.start_run(ctx, "x" * 300, *form_values(model="/m", data="/d"))
+    name, message = train_step.start(ctx, "x" * 300, **form_values(model="/m", data="/d"))
     assert message == "⚠️ Run name: 300 characters; use at most 100"
     assert not started and not any((tmp_path / "runs").glob("*"))
 
@@ -129,10 +128,10 @@ def test_starts_and_resumes_at_once_start_one_trainer(tiny_model, text_data, tmp
          "steps_per_eval": 0, **LONG})))
     answers: list[str] = []
 
-    def click(handler, *args) -> None:
-        answers.append(handler(ctx, *args)[1])
+    def click(handler, *args, **kwargs) -> None:
+        answers.append(handler(ctx, *args, **kwargs)[1])
 
-    threads = [threading.Thread(target=click, args=(train_step.start_run, "same", *values)) for _ in range(3)]
+    threads = [threading.Thread(target=click, args=(train_step.start, "same"), kwargs=values) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

@@ -32,17 +32,11 @@ FOLLOWING: dict[str | None, object] = {}
 PLOT_POINTS = 200  # per series in the live loss plot: each is redrawn on every update (timeline.thin)
 ONE_RUN = "One run at a time: {name} is still training. Stop or pause it first."
 STARTING = threading.Lock()  # held from the "no run is active" check until the new process holds its run's lock
-# The launch choice's values as start() takes them, after the form's in the /start API (hostfile: the upload's path).
+# The launch choice's names in start() and in the /start API, after the form's (hostfile: the upload's path).
 LAUNCH_KEYS = ("mode", "nproc", "hostfile", "hosts")
 
 
 # ---- handlers ------------------------------------------------------------------------------------------
-
-def start_run(ctx: Context, name: str, *values: Any) -> tuple[str, str]:
-    """start() called as the /start API is, by position (gradio_client, tests): the form's values in FORM_KEYS
-    order, then the launch choice (LAUNCH_KEYS; those left out take start()'s defaults)."""
-    return start(ctx, name, **dict(zip((*FORM_KEYS, *LAUNCH_KEYS), values)))
-
 
 def start(ctx: Context, name: str, mode: str = launch.MODES[0], nproc: float = 2, hostfile: str | None = None,
           hosts: str = "", **form_values: Any) -> tuple[str, str]:
@@ -307,7 +301,7 @@ def build() -> SimpleNamespace:
 def wire(ctx: Context, c: SimpleNamespace, form: dict[str, gr.components.Component], info: gr.State) -> None:
     """`form`: the settings' widgets by config name (settings.FORM_KEYS, in that order: the APIs' order), which
     the handlers receive as keyword arguments of the same names."""
-    launch_in = {"mode": c.launch_mode, "nproc": c.nproc, "hostfile": c.hostfile_path, "hosts": c.hosts}
+    launch_in = dict(zip(LAUNCH_KEYS, (c.launch_mode, c.nproc, c.hostfile_path, c.hosts), strict=True))
     c.start.click(lambda name, **named: start(ctx, name, **named), [c.run_name], [c.current, c.message],
                   inputs_kwargs={**form, **launch_in}, api_name="start")
     c.launch_mode.change(launch_fields, c.launch_mode, [c.nproc, c.hostfile, c.hosts], api_name="launch_mode",
