@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One-click start of the LoRA studio: on first use creates .venv and installs everything, then runs the app.
-#   ./launch.sh [app options, e.g. --port 7861]     ./launch.sh --setup-only   (set up, do not start; for CI)
+# One-click start of the LoRA studio: on first use creates .venv and installs what the app needs, then runs it.
+#   ./launch.sh [app options, e.g. --port 7861]     ./launch.sh --setup-only   (set up, do not start)
+#   ./launch.sh --test [pytest options]              (also installs the test packages on first use, runs pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON="${PYTHON:-python3}"
 VENV="${LORA_APP_VENV:-.venv}"
 STAMP="$VENV/.lora_app_installed"
+DEV_STAMP="$VENV/.lora_app_dev_installed"
 
 if [[ "$(uname -s)" == "Linux" ]] && command -v dpkg >/dev/null 2>&1; then
   # MLX's Linux CPU wheel is ~8x faster with OpenBLAS preloaded (lora_app does that when the library is there).
@@ -42,6 +44,16 @@ fi
 if [[ "${1:-}" == "--setup-only" ]]; then
   echo "Set up. Start the app with ./launch.sh"
   exit 0
+fi
+
+if [[ "${1:-}" == "--test" ]]; then
+  shift
+  if [[ ! -f "$DEV_STAMP" || requirements-dev.txt -nt "$DEV_STAMP" || "$STAMP" -nt "$DEV_STAMP" ]]; then
+    echo "Installing the test packages (first use; a few minutes) ..."
+    "$VENV/bin/python" -m pip install -r requirements-dev.txt
+    touch "$DEV_STAMP"
+  fi
+  exec "$VENV/bin/python" -m pytest -q "$@"
 fi
 
 exec "$VENV/bin/python" app.py "$@"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from lora_app import runs
@@ -66,6 +69,41 @@ def cli(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: 
         ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lora_app", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def cli_in_process(args: list[str], capfd, monkeypatch) -> subprocess.CompletedProcess:
+    """cli(args) without a new process (whose Python and MLX start-up cost seconds): the CLI's main(argv), its
+    output captured, its exit code returned. main() re-execs itself with OpenBLAS preloaded when LD_PRELOAD differs
+    from engine_env()'s: here it is made equal and os.execve refused, so the pytest process is never replaced."""
+    from lora_app import runs
+    from lora_app.__main__ import main
+
+    preload = runs.engine_env().get("LD_PRELOAD")
+    if preload:
+        monkeypatch.setenv("LD_PRELOAD", preload)
+    else:
+        monkeypatch.delenv("LD_PRELOAD", raising=False)
+
+    def no_exec(*_args: object) -> None:
+        raise AssertionError("main() tried to exec a new process inside pytest")
+
+    monkeypatch.setattr(os, "execve", no_exec)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # a trainer installs its own
+    capfd.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse exits after printing its message
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except Exception:  # what the process would print: the test's "no traceback" check then sees it
+        traceback.print_exc()
+        code = 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out = capfd.readouterr()
+    return subprocess.CompletedProcess(["lora_app", *args], code, out.out, out.err)
 
 
 def hash_tree(root: Path) -> dict[str, str]:

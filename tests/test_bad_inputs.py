@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import tiny
-from runhelp import cli, hash_tree
+from runhelp import cli, cli_in_process, hash_tree
 
 from lora_app import trainer
 from lora_app.adapters import load_adapter
@@ -167,11 +167,23 @@ CLI_CASES = [
 ]
 
 
+# Each case runs in-process through the CLI's main(argv); these few also as a real `python -m lora_app` process
+# (its start-up, the OpenBLAS re-exec, the exit code the shell sees): one of each kind of check.
+AS_A_PROCESS = {"no-out", "config-bad-yaml", "module-unknown", "resume-torn-checkpoints", "export-peft-torn"}
+
+
+@pytest.fixture
+def run_cli(engine_env, capfd, monkeypatch):
+    """cli(args) as a process (process=True) or in-process: the same CompletedProcess either way."""
+    return lambda args, process=False: (cli(args, engine_env) if process
+                                        else cli_in_process(args, capfd, monkeypatch))
+
+
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_rejects_bad_input(case, kit: Kit, engine_env) -> None:
+def test_cli_rejects_bad_input(case, kit: Kit, run_cli) -> None:
     name, args, expected = case
-    result = cli([str(kit.bad.parent / "out" / name) if a.endswith("/new-run") else a for a in args(kit)],
-                 engine_env)
+    result = run_cli([str(kit.bad.parent / "out" / name) if a.endswith("/new-run") else a for a in args(kit)],
+                     process=name in AS_A_PROCESS)
     assert result.returncode == 2, (result.stdout[-500:], result.stderr[-1500:])
     assert "Traceback" not in result.stderr + result.stdout
     lines = result.stderr.strip().splitlines()
@@ -180,9 +192,10 @@ def test_cli_rejects_bad_input(case, kit: Kit, engine_env) -> None:
     assert_nothing_changed(kit)
 
 
-def test_cli_adapter_for_another_base_model(kit: Kit, engine_env) -> None:
-    result = cli(["generate", "--model", str(kit.other_model), "--adapter", str(kit.adapter), "--prompt", "hi",
-                  "--max-tokens", "2"], engine_env)
+@pytest.mark.slow
+def test_cli_adapter_for_another_base_model(kit: Kit, run_cli) -> None:
+    result = run_cli(["generate", "--model", str(kit.other_model), "--adapter", str(kit.adapter), "--prompt", "hi",
+                      "--max-tokens", "2"], process=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
     assert result.stderr.startswith("error: ") and "adapter does not match this model" in result.stderr
     assert "made for" in result.stderr and "this model and rank need" in result.stderr
@@ -221,7 +234,7 @@ def test_bad_dataset_rows_are_refused(name: str, expected: str, kit: Kit) -> Non
     assert_nothing_changed(kit)
 
 
-def test_export_of_a_truncated_adapter_writes_nothing(kit: Kit, engine_env, tmp_path: Path) -> None:
+def test_export_of_a_truncated_adapter_writes_nothing(kit: Kit, run_cli, tmp_path: Path) -> None:
     from lora_app.adapters import export_adapter
 
     ours = shutil.copytree(kit.adapter, tmp_path / "ours-cut")
@@ -232,8 +245,8 @@ def test_export_of_a_truncated_adapter_writes_nothing(kit: Kit, engine_env, tmp_
                                   (ours, "fused", "ours-cut/adapters.safetensors: cannot be read"),
                                   (peft, "fused", "peft-cut/adapter_model.safetensors: cannot be read")]:
         out = tmp_path / f"out-{folder.name}-{fmt}"
-        result = cli(["export", "--adapter", str(folder), "--format", fmt, "--model", str(kit.model),
-                      "--out", str(out)], engine_env)
+        result = run_cli(["export", "--adapter", str(folder), "--format", fmt, "--model", str(kit.model),
+                          "--out", str(out)])
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr

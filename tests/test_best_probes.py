@@ -35,6 +35,7 @@ def plateau_data(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_best_checkpoint_and_early_stopping(tiny_model, plateau_data, engine_env, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lora_app", "train", "--model", str(tiny_model), "--data", str(plateau_data),
@@ -64,6 +65,7 @@ def test_best_checkpoint_and_early_stopping(tiny_model, plateau_data, engine_env
     assert runs.run_state(out).best_step == best_step
 
 
+@pytest.mark.slow
 def test_yaml_round_trip_through_mlx_lm_lora(tiny_model, text_data, engine_env, tmp_path):
     flat = {"model": str(tiny_model), "data": str(text_data), "rank": 4, "alpha": 12.0, "layers": "last:1",
             "modules": ["q_proj", "down_proj"], "iters": 3, "batch_size": 2, "learning_rate": 1e-3,

@@ -115,6 +115,7 @@ def test_a_bad_role_of_any_size_is_reported_short(tmp_path, tok) -> None:
 # ---------------------------------------------------------------------------------------------- the Data step
 
 
+@pytest.mark.slow
 def test_preview_of_a_big_dataset_stays_out_of_the_page_process(tmp_path, tiny_model, monkeypatch) -> None:
     from lora_app.ui import data_step
 

@@ -100,6 +100,7 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 @needs_gguf
+@pytest.mark.slow
 def test_logits_match_transformers(model_dir: Path, mlx_model: tuple) -> None:
     import mlx.core as mx
     import torch
@@ -121,6 +122,7 @@ def test_logits_match_transformers(model_dir: Path, mlx_model: tuple) -> None:
 
 
 @needs_gguf
+@pytest.mark.slow
 def test_chat_answers_a_factual_question(mlx_model: tuple) -> None:
     from mlx_lm import generate
 
@@ -199,6 +201,7 @@ def test_demo_example_handles_leap_years() -> None:
 
 
 @needs_gguf
+@pytest.mark.slow
 def test_evaluate_task_reports_accuracy_and_loss(model_dir: Path) -> None:
     from lora_app.evaluate import evaluate_task, format_report
 

@@ -21,6 +21,7 @@ def losses(run_dir, kind="train", key="loss"):
     return [e[key] for e in runs.read_events(run_dir) if e["event"] == kind]
 
 
+@pytest.mark.slow
 def test_two_ring_processes_match_one(tiny_model, text_data, engine_env, tmp_path):
     common = [sys.executable, "-m", "lora_app", "train", "--model", str(tiny_model), "--data", str(text_data), *FLAGS]
     one = subprocess.run([*common, "--out", str(tmp_path / "one")], env=engine_env, capture_output=True, text=True)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 from runhelp import final_status, finish, make_run, start, train_steps
 
 from lora_app import runs
@@ -86,6 +87,7 @@ def leftovers(run_dir: Path) -> set[str]:
             for p in (run_dir / d).iterdir() if p.name.startswith(".")}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments(tiny_model, text_data, tmp_path) -> None:
     rng = random.Random(1234)
     run_dir = make_run(tmp_path / "run", tiny_model, text_data, **FAULT_RUN)

@@ -107,6 +107,7 @@ def test_evaluation_takes_the_chunks_without_their_gradients(tiny_model, monkeyp
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-5) and chunked_n.item() == n.item()
 
 
+@pytest.mark.slow
 def test_the_chunks_run_one_after_another(monkeypatch):
     """Under a memory limit (MLX then lets running work finish before allocating more) the chunked loss and its
     gradient hold one chunk's logits at a time: a fraction of what the plain loss holds."""

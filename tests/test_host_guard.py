@@ -213,6 +213,7 @@ def app_with_auth(runs_dir: Path, env: dict[str, str], auth: str) -> Iterator[st
             proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_app_limits_login_attempts(tmp_path, engine_env):
     with app_with_auth(tmp_path / "runs", engine_env, "user:right-pass") as url:
         def log_in(password: str) -> tuple[int, str]:

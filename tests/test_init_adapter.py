@@ -60,6 +60,7 @@ def tensors(path: Path) -> dict[str, np.ndarray]:
 
 # ---- (a) a run started from an adapter begins exactly where that adapter ended -------------------------------
 
+@pytest.mark.slow
 def test_run_starts_at_the_adapters_validation_loss(run_a, tiny_model, text_data, engine_env, tmp_path):
     out = tmp_path / "b"
     # The weights file's path works as well as the folder.
@@ -132,6 +133,7 @@ def test_init_from_an_mlx_lm_lora_adapter(mlx_lm_adapter, tiny_model, text_data,
 
 # ---- (c) a mismatch fails before training, in one line, and the run folder stays reusable ---------------------
 
+@pytest.mark.slow
 def test_rank_mismatch_is_one_clear_line_and_the_folder_is_reusable(run_a, tiny_model, text_data, engine_env,
                                                                        tmp_path):
     out = tmp_path / "r"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 from runhelp import final_status, finish, make_run, start, train_steps
 
 from lora_app import runs
@@ -46,6 +47,7 @@ def assert_adapter_is(folder: Path, weights: dict, model_path: Path) -> None:
         assert mx.array_equal(value, weights[name]).item(), name
 
 
+@pytest.mark.slow
 def test_resume_with_a_lower_learning_rate_after_nan(tiny_model: Path, text_data: Path, tmp_path) -> None:
     run_dir = make_run(tmp_path / "run", tiny_model, text_data, **EXPLODE)
     assert finish(start(run_dir)) == 1

@@ -31,6 +31,7 @@ def assert_same_losses(run_dir: Path, reference: Path, after: int) -> None:
     assert diff <= TOL, {s: (got[s], want[s]) for s in want}
 
 
+@pytest.mark.slow
 def test_pause_and_resume_matches_uninterrupted(reference, tiny_model, text_data, tmp_path) -> None:
     run_dir = make_run(tmp_path / "run", tiny_model, text_data)
     proc = start(run_dir)
@@ -46,6 +47,7 @@ def test_pause_and_resume_matches_uninterrupted(reference, tiny_model, text_data
     assert_same_losses(run_dir, reference, paused_at)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_from_newest_checkpoint(reference, tiny_model, text_data, tmp_path) -> None:
     run_dir = make_run(tmp_path / "run", tiny_model, text_data)
     proc = start(run_dir)
@@ -93,6 +95,7 @@ def test_prune_never_deletes_the_newest_good_checkpoint(tmp_path) -> None:
     assert state["step"] == 3 and adapters["a"].shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(reference, tiny_model, text_data,
                                                                     tmp_path) -> None:
     run_dir = make_run(tmp_path / "run", tiny_model, text_data, keep_checkpoints=3)

@@ -106,6 +106,7 @@ def stop_and_wait(run_dir: Path, proc) -> None:
     assert final_status(run_dir) == "stopped"
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_run_is_refused(tiny_model, text_data, tmp_path, engine_env) -> None:
     run_dir = make_run(tmp_path / "run", tiny_model, text_data, **LONG)
     proc = start(run_dir)
@@ -121,6 +122,7 @@ def test_a_second_trainer_on_a_run_is_refused(tiny_model, text_data, tmp_path, e
     stop_and_wait(run_dir, proc)
 
 
+@pytest.mark.slow
 def test_starts_and_resumes_at_once_start_one_trainer(tiny_model, text_data, tmp_path) -> None:
     ctx = Context(tmp_path / "runs")
     values = form_values(**config_to_form(RunConfig.from_flat(
@@ -214,6 +216,7 @@ def write_nan_weights(checkpoint: Path) -> None:
     mx.save_safetensors(str(checkpoint / "adapters.safetensors"), {k: v * float("nan") for k, v in weights.items()})
 
 
+@pytest.mark.slow
 def test_a_nan_checkpoint_is_skipped_not_blamed_on_the_learning_rate(finished, engine_env) -> None:
     newest = checkpoint_dirs(finished)[-1]
     write_nan_weights(newest)
@@ -224,6 +227,7 @@ def test_a_nan_checkpoint_is_skipped_not_blamed_on_the_learning_rate(finished, e
     assert resumed[-1]["step"] == 8 and final_status(finished) == "done"
 
 
+@pytest.mark.slow
 def test_all_nan_checkpoints_say_so(finished, engine_env) -> None:
     for checkpoint in checkpoint_dirs(finished):
         write_nan_weights(checkpoint)
@@ -280,6 +284,7 @@ def test_stop_ends_an_evaluation(tiny_model, text_data, tmp_path) -> None:
     assert json.loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())["step"] == 1
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_the_trainer_during_probes(tiny_model, text_data, tmp_path) -> None:
     """The same through the signal the app and the OS send: a run busy probing ends promptly."""
     import signal

@@ -48,6 +48,7 @@ def test_validation_loss_falls(trained_run):
     assert [e["step"] for e in events(trained_run, "checkpoint")] == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_mlx_lm_generate(trained_run, tiny_model, engine_env):
     config = json.loads((trained_run / "adapters" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
@@ -66,6 +67,7 @@ def test_adapter_loads_in_mlx_lm_generate(trained_run, tiny_model, engine_env):
     assert answer and ours.stdout.strip() == answer
 
 
+@pytest.mark.slow
 def test_mlx_lm_lora_adapter_loads_in_ours(tiny_model, text_data, engine_env, tmp_path):
     adapter = tmp_path / "theirs"
     cmd = [sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_model), "--train", "--data", str(text_data),
@@ -87,6 +89,7 @@ def test_mlx_lm_lora_adapter_loads_in_ours(tiny_model, text_data, engine_env, tm
     assert np.allclose(np.array(model(x)), np.array(theirs_model(x)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigint_leaves_loadable_adapter_and_stopped_event(tiny_model, text_data, engine_env, tmp_path):
     out = tmp_path / "run"
     cmd = [*TRAIN, "--model", str(tiny_model), "--data", str(text_data), "--out", str(out), "--iters", "100000",
@@ -106,6 +109,7 @@ def test_sigint_leaves_loadable_adapter_and_stopped_event(tiny_model, text_data,
     load_adapter(load_model(str(tiny_model))[0], out / "adapters")
 
 
+@pytest.mark.slow
 def test_chat_training_with_masking_end_to_end(tiny_model, chat_data, engine_env, tmp_path):
     out = tmp_path / "chat"
     train(engine_env, tiny_model, chat_data, out, "--iters", 12, "--mask-prompt", "--steps-per-eval", 6,
@@ -169,6 +173,7 @@ def test_existing_run_folder_is_never_overwritten(trained_run, tiny_model, text_
     assert (trained_run / "events.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_non_contiguous_blocks_load_in_mlx_lm(tiny_model, text_data, engine_env, tmp_path):
     out = tmp_path / "r"
     train(engine_env, tiny_model, text_data, out, "--iters", 3, "--layers", "0", "--modules", "q_proj,down_proj",

@@ -1,6 +1,7 @@
-"""End to end in a real browser (Debian's chromium via Playwright): tiny model, rank/alpha, two modules,
-Start, a loss curve on the page, Stop, the adapter on disk. With LORA_APP_SCREENSHOT=1 the page mid-training
-is also saved as assets/screenshot.png, the README's picture (off by default: tests leave tracked files alone)."""
+"""End to end in a real browser (Chromium or Chrome via Playwright, found by tests/browser.py): tiny model,
+rank/alpha, two modules, Start, a loss curve on the page, Stop, the adapter on disk. With LORA_APP_SCREENSHOT=1 the
+page mid-training is also saved as assets/screenshot.png, the README's picture (off by default: tests leave
+tracked files alone)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from browser import launch
 from test_ui_client import form, running_app, wait_until
 
 from lora_app import runs
@@ -20,21 +22,12 @@ from lora_app.config import save_config_json
 from lora_app.ui.settings import FORM_KEYS, form_to_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("chromium is missing: install it with `apt-get install chromium`")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+    with launch() as b:
         yield b
-        b.close()
 
 
 # The points a Vega plot (Compare) shows: it labels each hover point "step: 10; loss: 2.31; series: train".
@@ -64,6 +57,7 @@ def fill(page, elem_id: str, value: str, tag: str = "textarea") -> None:
     box.press("Enter" if tag == "textarea" else "Tab")
 
 
+@pytest.mark.slow
 def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_env):
     """A whole run from the page. The page opens on an earlier run (the newest), so Start also shows that the
     live view moves to the new run (it follows one run at a time: train_step.follow)."""
@@ -117,6 +111,7 @@ def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_e
         page.close()
 
 
+@pytest.mark.slow
 def test_plot_draws_each_update_at_once(browser, tiny_model, text_data, tmp_path, engine_env):
     """The page draws an update's points when it arrives, not at the next changed one: a finished run's curve
     appears on opening the page, and a report with nothing changing after it is drawn within 2 s (the page
@@ -242,6 +237,7 @@ WATCH_OUTPUTS = """ids => { window.mutations = 0;
     document.getElementById(id), {subtree: true, childList: true, attributes: true, characterData: true}); }"""
 
 
+@pytest.mark.slow
 def test_idle_page_does_no_work(browser, tmp_path, engine_env):
     """An open page costs a CPU-only training run little: showing a run that does not change, it sends no
     requests (it used to poll once a second: ~50 ms of CPU a second for the page and the server together,
@@ -271,6 +267,7 @@ def test_idle_page_does_no_work(browser, tmp_path, engine_env):
         page.close()
 
 
+@pytest.mark.slow
 def test_live_view_repaints_once_per_report(browser, tmp_path, engine_env):
     """Each report of a live run changes the page once: the progress bar jumps to its new width. It used to
     animate (a 0.5 s CSS transition), which laid out and repainted the page on every frame, ~30 times a report:

@@ -86,6 +86,7 @@ def app(tmp_path_factory, engine_env):
         yield url, runs_dir
 
 
+@pytest.mark.slow
 def test_run_from_start_to_stop(app, tiny_model, text_data, tmp_path):
     from gradio_client import Client
 
@@ -135,6 +136,7 @@ def test_run_from_start_to_stop(app, tiny_model, text_data, tmp_path):
     assert base and tuned and not base.startswith("⚠️") and not tuned.startswith("⚠️")
 
 
+@pytest.mark.slow
 def test_two_processes_from_the_app(app, tiny_model, text_data):
     """Start with 'N processes on this machine': mlx.launch runs 2 ranks, only rank 0 writes, the stats say so."""
     from gradio_client import Client
@@ -165,6 +167,7 @@ def test_two_processes_from_the_app(app, tiny_model, text_data):
     assert f"**2 processes**: {socket.gethostname()} ×2" in stats
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_messages_not_tracebacks(app, tmp_path):
     from gradio_client import Client
 
@@ -182,6 +185,7 @@ def test_bad_inputs_get_messages_not_tracebacks(app, tmp_path):
     assert stats.startswith("⚠️") and "nope" in stats
 
 
+@pytest.mark.slow
 def test_data_preview_fills_empty_probe_prompts_from_validation_rows(app, chat_data):
     from gradio_client import Client
 
