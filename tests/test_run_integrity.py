@@ -19,6 +19,7 @@ from lora_app.config import RunConfig
 from lora_app.trainer import run
 from lora_app.ui import runs_step, train_step
 from lora_app.ui.context import Context
+from lora_app.ui.engine import wait_for
 from lora_app.ui.settings import config_to_form
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
@@ -174,8 +175,6 @@ class _Pid:
 
 
 def _wait_gone(pid: int, timeout: float = 120) -> bool:
-    from lora_app.ui.engine import wait_for
-
     return wait_for(lambda: not runs.pid_alive(pid), timeout)
 
 
@@ -286,13 +285,14 @@ def test_stop_ends_an_evaluation(tiny_model, text_data, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_reaches_the_trainer_during_probes(tiny_model, text_data, tmp_path) -> None:
-    """The same through the signal the app and the OS send: a run busy probing ends promptly."""
+    """The same through the signal the app and the OS send: a run busy with its first probes ends before their end."""
     import signal
 
-    run_dir = make_run(tmp_path / "run", tiny_model, text_data, probe_prompts=["a", "b", "c", "d", "e"],
-                       probe_max_tokens=2048, steps_per_eval=1, val_batches=1, **LONG)
+    prompts = ["a", "b", "c", "d", "e"]
+    run_dir = make_run(tmp_path / "run", tiny_model, text_data, probe_prompts=prompts, probe_max_tokens=2048, **LONG)
     proc = start(run_dir)
-    wait_for_step(run_dir, proc, 1)
+    assert wait_for(lambda: any(e["event"] == "sample" for e in runs.read_events(run_dir)), 60)
     os.kill(proc.pid, signal.SIGTERM)
     assert finish(proc, timeout=60) == 0
     assert final_status(run_dir) == "stopped"
+    assert len([e for e in runs.read_events(run_dir) if e["event"] == "sample"]) < len(prompts)
