@@ -48,12 +48,15 @@ fi
 
 if [[ "${1:-}" == "--test" ]]; then
   shift
-  if [[ ! -f "$DEV_STAMP" || requirements-dev.txt -nt "$DEV_STAMP" || "$STAMP" -nt "$DEV_STAMP" ]]; then
+  if [[ ! -f "$DEV_STAMP" || requirements-dev.txt -nt "$DEV_STAMP" || requirements-reference.txt -nt "$DEV_STAMP" || "$STAMP" -nt "$DEV_STAMP" ]]; then
     echo "Installing the test packages (first use; a few minutes) ..."
     "$VENV/bin/python" -m pip install -r requirements-dev.txt
+    # Apart from the app's packages (requirements-reference.txt says why); tests/conftest.py finds them there.
+    "$VENV/bin/python" -m pip install --no-deps --upgrade --target "$VENV/reference" -r requirements-reference.txt
     touch "$DEV_STAMP"
   fi
-  exec "$VENV/bin/python" -m pytest -q "$@"
+  # Two test processes (pytest-xdist): much of the suite waits on the engine processes it starts.
+  exec "$VENV/bin/python" -m pytest -q -n 2 "$@"
 fi
 
 exec "$VENV/bin/python" app.py "$@"

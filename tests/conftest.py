@@ -11,6 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# torch and peft, which only tests use, live apart from the app's packages (requirements-reference.txt says why):
+# on this process's path, not on the engine processes' it starts.
+REFERENCE = Path(sys.prefix) / "reference"
+if REFERENCE.is_dir():
+    sys.path.append(str(REFERENCE))
 
 import tiny  # noqa: E402
 
