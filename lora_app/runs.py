@@ -208,14 +208,14 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def resolve_run(runs_dir: Path, name: str, must_exist: bool = True) -> Path:
-    """The folder of the run called `name`: a direct child of runs_dir once symlinks are resolved, else RunError.
-    Every run name that arrives in a request goes through here before it touches the disk."""
+def resolve_run(runs_dir: Path, name: str) -> Path:
+    """The folder of the existing run called `name`: a direct child of runs_dir once symlinks are resolved, else
+    RunError. Every run name that arrives in a request goes through here before it touches the disk."""
     root = Path(runs_dir).resolve()
     path = (root / check_run_name(name)).resolve()
     if path.parent != root:
         raise RunError(f"Run {name!r}: not a folder of {root}")
-    if must_exist and not path.is_dir():
+    if not path.is_dir():
         raise RunError(f"Run {name!r}: no such run in {root}")
     return path
 
@@ -270,6 +270,9 @@ def lock_run(run_dir: Path, fd: int | None = None, wait: float = 1.0) -> RunLock
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Not passed on to processes the trainer starts (a library's helper process, say): one outliving a
+            # killed trainer would hold the lock, and the run would look alive.
+            os.set_inheritable(fd, False)
             return RunLock(fd)
         except BlockingIOError:
             if time.monotonic() >= end:

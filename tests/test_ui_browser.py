@@ -72,7 +72,7 @@ def test_train_in_the_browser(browser, tiny_model, text_data, tmp_path, engine_e
         page.get_by_role("tab", name="2 · Adapter").click()
         fill(page, "rank", "4", "input")
         fill(page, "alpha", "8", "input")
-        page.locator("#scale").get_by_text("2").wait_for()
+        page.locator("#scale").get_by_text("2", exact=True).wait_for()  # not the "0.2s" of a pending status
         modules = page.locator("#modules")
         modules.get_by_label("self_attn.v_proj").uncheck()
         modules.get_by_label("mlp.down_proj").check()
