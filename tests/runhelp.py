@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora_app import runs
 from lora_app.config import RunConfig, save_config_json
+from lora_app.ui.settings import config_to_form
 
 # Small and fast, but with dropout and packing so exact resume has something to get wrong.
 FAST = {"iters": 12, "batch_size": 2, "max_seq_length": 64, "steps_per_report": 1, "steps_per_eval": 0,
@@ -111,3 +112,8 @@ def hash_tree(root: Path) -> dict[str, str]:
     root = Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def form_values(**overrides: object) -> dict:
+    """The Train step's form by config name, as the page starts (model and data set to placeholders)."""
+    return {**config_to_form(RunConfig()), "model": "/m", "data": "/d", **overrides}

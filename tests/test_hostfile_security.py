@@ -16,13 +16,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+from runhelp import form_values
 
 from lora_app import runs
-from lora_app.config import ConfigError, RunConfig
+from lora_app.config import ConfigError
 from lora_app.distributed import launch_command
 from lora_app.ui import launch, train_step
 from lora_app.ui.context import Context
-from lora_app.ui.settings import config_to_form
 
 HERE, N, FILE, LIST = launch.MODES
 LOCAL = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}
@@ -124,10 +124,6 @@ def test_the_cli_hands_mlx_launch_a_checked_copy_not_the_users_file(tmp_path):
     # A change to the user's file after the check is not what runs.
     user_file.write_text(json.dumps({"envs": ["PYTHONPATH=/tmp/evil"], "hosts": [MAC]}))
     assert json.loads((run_dir / "hosts.json").read_text()) == [MAC, MAC]
-
-
-def form_values() -> dict:
-    return {**config_to_form(RunConfig()), "model": "/m", "data": "/d"}
 
 
 def test_start_shows_the_refusal_and_makes_no_run_folder(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from runhelp import cli, final_status, finish, hash_tree, make_run, start, wait_for_step
+from runhelp import cli, final_status, finish, form_values, hash_tree, make_run, start, wait_for_step
 
 from lora_app import runs
 from lora_app.checkpoints import checkpoint_dirs
@@ -23,10 +23,6 @@ from lora_app.ui.engine import wait_for
 from lora_app.ui.settings import config_to_form
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request
-
-
-def form_values(**overrides) -> dict:
-    return {**config_to_form(RunConfig()), **overrides}
 
 
 # ---- run names from the page -----------------------------------------------------------------------------

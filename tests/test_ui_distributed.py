@@ -9,6 +9,7 @@ import socket
 import warnings
 
 import pytest
+from runhelp import form_values
 
 from lora_app import runs
 from lora_app.__main__ import build_parser, check_new_run_dir
@@ -16,7 +17,7 @@ from lora_app.config import ConfigError, RunConfig
 from lora_app.distributed import launch_command, read_hostfile
 from lora_app.ui import launch, timeline, train_step
 from lora_app.ui.context import Context
-from lora_app.ui.settings import command_preview, config_to_form
+from lora_app.ui.settings import command_preview
 
 HERE, N, FILE, LIST = launch.MODES
 
@@ -160,10 +161,6 @@ def test_stats_name_the_processes_and_hosts():
     assert timeline.processes_line(running(world_size=3, hosts=["a", "b", "b"])) == "**3 processes**: a, b ×2"
     stats = timeline.stats_markdown(runs.RunState(path=runs.Path("r")), running(world_size=2, hosts=["me", "me"]))
     assert stats.startswith("**2 processes**: me ×2 · **train loss**")
-
-
-def form_values(**overrides) -> dict:
-    return {**config_to_form(RunConfig()), "model": "/m", "data": "/d", **overrides}
 
 
 def test_start_refuses_bad_launch_input_without_a_run_folder(tmp_path, monkeypatch):
