@@ -1,4 +1,4 @@
-"""The CLI: `python -m lora_app train|generate|eval|inspect|export|demo-model|demo-data|stop|pause|runs`.
+"""The CLI: `python -m lora_app train|generate|eval|inspect|export|download|demo-model|demo-data|stop|pause|runs`.
 
 The same engine the app uses. Bad input gets one clear line on stderr and exit code 2, never a traceback.
 """
@@ -12,9 +12,13 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import runs
 from .config import SECTIONS, ConfigError, RunConfig, TrainConfig, field_help, load_config_file
+
+if TYPE_CHECKING:
+    from .hub import Progress
 
 USAGE_ERROR = 2
 PREPARED_FILES = {"config.json", "train.log", "train.pid", "control", "hosts.json", "launch.json"}  # app's launch
@@ -88,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--model", help="Base model (default: the one named in the adapter config).")
     exp.add_argument("--dequantize", action="store_true", help="Fused: write float weights.")
+
+    dl = sub.add_parser(
+        "download", help="Download a model from the Hugging Face hub into its cache (only the files it needs).",
+        description="Download the files a model needs (config, tokenizer, model*.safetensors) into the Hugging Face "
+                    "cache, where this app, mlx-lm and transformers find them; prints the snapshot folder.",
+        epilog="A gated or private repo needs a token: set it in the environment variable HF_TOKEN (never on the "
+               "command line), or log in once with `hf auth login`. HF_HUB_CACHE moves the cache; HF_ENDPOINT "
+               "names another hub. SIGTERM or Ctrl-C cancels and deletes the partial files.")
+    dl.add_argument("repo", help="Hub repo id, org/name (e.g. mlx-community/Qwen3-0.6B-4bit).")
+    dl.add_argument("--revision", help="Branch, tag or commit (default: main).")
+    dl.add_argument("--json", action="store_true",
+                    help='One JSON object per line on stdout: progress {"done", "total", "rate", "eta", "files_done", '
+                         '"files_total"}, then {"path": ...} (what the app reads).')
 
     demo_model = sub.add_parser("demo-model", help="Build the offline demo model folder (SmolLM2-135M).")
     demo_model.add_argument("--out", required=True)
@@ -250,6 +267,65 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    """Progress on stderr (or JSON lines on stdout), the snapshot folder on stdout. SIGTERM / SIGINT cancel: the
+    partial files are deleted and the exit code is 128 + the signal's number."""
+    import signal
+    import threading
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    from . import hub
+
+    hub_logging.set_verbosity_error()  # its retry warnings would break the one-line error contract
+    cancel, signals = threading.Event(), []
+
+    def stop(signum: int, _frame: object) -> None:
+        signals.append(signum)
+        cancel.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    line = ProgressLine()
+    show = (lambda p: print(json.dumps(p.to_json()), flush=True)) if args.json else line.show
+    try:
+        path = hub.download(args.repo, args.revision, on_progress=show, cancel=cancel)
+    except hub.DownloadCancelled:
+        line.end()
+        print("download cancelled", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # A transfer stalled on a dead connection keeps a worker thread the interpreter would wait for at exit.
+        os._exit(128 + (signals[0] if signals else signal.SIGTERM))
+    finally:
+        line.end()
+    print(json.dumps({"path": str(path)}) if args.json else path, flush=True)
+    return 0
+
+
+class ProgressLine:
+    """One carriage-return line on stderr: bytes, percent, rate, ETA, files."""
+
+    def __init__(self) -> None:
+        self.width = 0
+
+    def show(self, p: Progress) -> None:
+        from .hub import human_bytes
+
+        share = p.done_bytes / p.total_bytes if p.total_bytes else 1.0
+        eta = f"ETA {int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d}" if p.eta_s is not None else "ETA -"
+        text = (f"{human_bytes(p.done_bytes)} / {human_bytes(p.total_bytes)}  {share:4.0%}  "
+                f"{human_bytes(p.rate_bytes_per_s)}/s  {eta}  {p.files_done}/{p.files_total} files")
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()
+        self.width = max(self.width, len(text))
+
+    def end(self) -> None:
+        if self.width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.width = 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from .demo import build_demo_model
 
@@ -306,7 +382,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "inspect": cmd_inspect,
-            "export": cmd_export, "demo-model": cmd_demo_model, "demo-data": cmd_demo_data,
+            "export": cmd_export, "download": cmd_download, "demo-model": cmd_demo_model, "demo-data": cmd_demo_data,
             "preview": cmd_preview, "stop": cmd_control, "pause": cmd_control, "runs": cmd_runs}
 
 

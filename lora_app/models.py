@@ -1,4 +1,4 @@
-"""Resolve and load a model (local folder, Hugging Face repo id, or the demo), and describe it for the UI."""
+"""Resolve and load a model (local folder, downloaded Hugging Face repo id, or the demo), and describe it for the UI."""
 
 from __future__ import annotations
 
@@ -31,17 +31,31 @@ class ModelInfo:
         return asdict(self)
 
 
+def is_hub_id(model: str) -> bool:
+    """"org/name" that is not a folder here: a Hugging Face repo id."""
+    return (model != DEMO and model.count("/") == 1 and not model.startswith((".", "/", "~"))
+            and not Path(model).expanduser().exists())
+
+
 def resolve_model(model: str) -> str:
-    """Map 'demo' to the cached demo folder; check a local folder; pass anything else on as a hub repo id."""
+    """Map 'demo' to the cached demo folder; check a local folder; a hub repo id to its downloaded snapshot in the
+    Hugging Face cache. Never downloads: a repo not in the cache is a ModelError that says how to get it."""
     if model == DEMO:
         from .demo import demo_model_dir
 
         return str(demo_model_dir())
+    if is_hub_id(model):
+        from .hub import cached_model
+
+        snapshot = cached_model(model)
+        if snapshot is None:
+            raise ModelError(f"{model} is not downloaded yet: download it in the Model step or run "
+                             f"`python -m lora_app download {model}`")
+        check_model_folder(snapshot)
+        return str(snapshot)
     path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        check_model_folder(path)
-        return str(path.resolve())
-    return model  # "org/name": mlx_lm downloads it from the Hugging Face hub
+    check_model_folder(path)
+    return str(path.resolve())
 
 
 def check_model_folder(path: Path) -> None:

@@ -68,7 +68,7 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     from .data import load_data
     from .head_loss import find_head
     from .lora import apply_lora, trainable_parameter_count
-    from .models import blocks_of, load_model, resolve_model
+    from .models import blocks_of, is_hub_id, load_model, resolve_model
     from .runs import prepare_run_folder
 
     started = time.perf_counter()
@@ -78,8 +78,10 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
         prepare_run_folder(run_dir)
     if t.memory_limit_gb:
         mx.set_memory_limit(int(t.memory_limit_gb * 1e9))
-    base_model = resolve_model(cfg.model.model)
-    model, tokenizer = load_model(base_model, cfg.model.dequantize)
+    base_path = resolve_model(cfg.model.model)
+    # The adapter names a hub model by its repo id (portable), anything else by its folder.
+    base_model = cfg.model.model if is_hub_id(cfg.model.model) else base_path
+    model, tokenizer = load_model(base_path, cfg.model.dequantize)
     data = load_data(cfg.data, tokenizer, batch_size=t.batch_size)
     for note in data.notes:
         reporter.event("info", message=note)

@@ -4,8 +4,9 @@ from .adapters import AdapterError, ExportError
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .data import DataError
+from .hub import HubError
 from .lora import LoraError
 from .models import ModelError
 
 USER_ERRORS: tuple[type[Exception], ...] = (AdapterError, CheckpointError, ConfigError, DataError, ExportError,
-                                             LoraError, ModelError)
+                                             HubError, LoraError, ModelError)
