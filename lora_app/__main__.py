@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help='One JSON object per line on stdout: progress {"done", "total", "rate", "eta", "files_done", '
                          '"files_total"}, then {"path": ...} (what the app reads).')
 
+    from .serve import add_arguments as serve_arguments
+
+    serve_arguments(sub.add_parser("serve", help="Serve a model and its adapters over an OpenAI-compatible API, "
+                                                 "kept loaded (base: model id 'base')."))
+
     demo_model = sub.add_parser("demo-model", help="Build the offline demo model folder (SmolLM2-135M).")
     demo_model.add_argument("--out", required=True)
     demo_data = sub.add_parser("demo-data", help="Write the demo task dataset.")
@@ -326,6 +331,15 @@ class ProgressLine:
             self.width = 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import serve
+
+    try:
+        return serve.main(args)
+    except serve.ServeError as e:
+        raise UserError(str(e)) from None
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from .demo import build_demo_model
 
@@ -383,7 +397,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "inspect": cmd_inspect,
             "export": cmd_export, "download": cmd_download, "demo-model": cmd_demo_model, "demo-data": cmd_demo_data,
-            "preview": cmd_preview, "stop": cmd_control, "pause": cmd_control, "runs": cmd_runs}
+            "preview": cmd_preview, "serve": cmd_serve, "stop": cmd_control, "pause": cmd_control, "runs": cmd_runs}
 
 
 def reexec_with_openblas(argv: list[str]) -> None:
@@ -396,7 +410,7 @@ def reexec_with_openblas(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "generate", "eval", "export", "demo-model"):
+    if args.command in ("train", "generate", "eval", "export", "demo-model", "serve"):
         reexec_with_openblas(argv)
     from .user_errors import USER_ERRORS
 

@@ -42,6 +42,11 @@ def tiny_qmodel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
+    return tiny.build_tiny_adapter(tmp_path_factory.mktemp("tiny-adapter") / "adapters", tiny_model)
+
+
+@pytest.fixture(scope="session")
 def text_data(tmp_path_factory) -> Path:
     return tiny.build_text_data(tmp_path_factory.mktemp("text-data"))
 

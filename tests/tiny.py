@@ -104,3 +104,25 @@ def build_chat_data(folder: Path, n_train: int = 48, n_valid: int = 12) -> Path:
     write_jsonl(folder / "train.jsonl", rows(n_train, 1))
     write_jsonl(folder / "valid.jsonl", rows(n_valid, 2))
     return folder
+
+
+def build_tiny_adapter(folder: Path, model: Path, seed: int = 0, rank: int = 4, alpha: float = 8.0,
+                       b_scale: float = 0.5) -> Path:
+    """An adapter without training: q/v of every block, B drawn at random (not zero), so its answers differ from the
+    base model's. Written by our saver, in mlx-lm's layout."""
+    import mlx.core as mx
+
+    from lora_app.adapters import adapter_config, save_adapter
+    from lora_app.config import LoraConfig
+    from lora_app.lora import apply_lora
+    from lora_app.lora_layer import LoRALinear
+    from lora_app.models import blocks_of, load_model
+
+    mlx_model, _ = load_model(str(model))
+    lora = LoraConfig(rank=rank, alpha=alpha, modules=["q_proj", "v_proj"], layers="all")
+    targets = apply_lora(mlx_model, lora, seed=seed)
+    for _, layer in mlx_model.named_modules():
+        if isinstance(layer, LoRALinear):
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * b_scale
+    config = adapter_config(lora, targets, len(blocks_of(mlx_model)), str(model))
+    return save_adapter(mlx_model, Path(folder), config)
