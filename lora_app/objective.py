@@ -14,17 +14,26 @@ from .head_loss import Head, cross_entropy_sum
 
 
 class Objective(Protocol):
-    def loss(self, model: Any, *batch: Any) -> tuple[Any, Any]:
-        """(mean loss, number of tokens it is over) for one batch's arrays (batch_arrays); differentiated."""
+    # Names of the values the loss returns as a third output (one vector), which the train events report as
+    # their means (preference training: reward margin and accuracy); () for none.
+    metrics: tuple[str, ...]
 
-    def evaluate(self, model: Any, batches: list[Batch], before_batch: Callable[[], None] | None = None) -> float:
-        """The validation loss over `batches`, over all processes (lower is better: it picks the best adapter).
-        `before_batch()` runs before each batch: the loop's stop check, so Stop reaches a long evaluation."""
+    def loss(self, model: Any, *batch: Any) -> tuple[Any, ...]:
+        """(mean loss, number of tokens it is over[, metrics vector]) for one batch's arrays (batch_arrays);
+        differentiated."""
+
+    def evaluate(self, model: Any, batches: list[Batch],
+                 before_batch: Callable[[], None] | None = None) -> float | tuple[float, dict[str, float]]:
+        """The validation loss over `batches`, over all processes (lower is better: it picks the best adapter),
+        and optionally more named values for the `val` event. `before_batch()` runs before each batch: the loop's
+        stop check, so Stop reaches a long evaluation."""
 
 
 class CrossEntropy:
     """Mean cross-entropy over the tokens whose weight is 1 (all of them, or the completions only). With the model's
     LM head (head_loss.find_head), the step never holds the whole logits tensor or its gradient."""
+
+    metrics: tuple[str, ...] = ()
 
     def __init__(self, head: Head | None = None):
         self.head = head

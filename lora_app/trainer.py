@@ -99,6 +99,8 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
     step_fn, state = compiled_step(s.model, s.optimizer, objective, t.grad_clip)
     s.model.train()
     losses: list[tuple[int, Any]] = []  # (step, loss) since the last report, read back only then
+    # Summed since the last report: grad norm and the objective's own metrics (objective.metrics), one vector
+    stat_sum = mx.zeros((1 + len(objective.metrics),))
     tok_sum, window_tokens, window_start, excluded = mx.array(0.0), 0, time.perf_counter(), 0.0
     upcoming = upload(s, p.step)
     mx.reset_peak_memory()  # the peak the train events report is the training's, not the loading's
@@ -110,10 +112,10 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
             mx.random.seed(t.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
         if not upcoming:  # right after a report's sync (or every UPLOAD_MOST steps of a longer report window)
             upcoming = upload(s, p.step)
-        loss, ntoks = step_fn(*upcoming.popleft())
+        loss, ntoks, stats = step_fn(*upcoming.popleft())
         losses.append((step, loss))
-        tok_sum = tok_sum + ntoks
-        mx.async_eval(state, loss, tok_sum)  # no host sync per step: values are read back at reports only
+        tok_sum, stat_sum = tok_sum + ntoks, stat_sum + stats
+        mx.async_eval(state, loss, tok_sum, stat_sum)  # no host sync per step: values are read back at reports only
         p.step = step
         if step == start_step:  # the first step includes loading and compiling: timed and counted apart
             mx.eval(state, tok_sum)
@@ -137,8 +139,9 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
         window_tokens += new_tokens
         tok_sum = mx.array(0.0)
         if (report or request) and losses:
-            report_train(s, reporter, losses, window_tokens, time.perf_counter() - window_start - excluded)
-            losses, window_tokens, excluded = [], 0, 0.0
+            stats = dict(zip(("grad_norm", *objective.metrics), (stat_sum / len(losses)).tolist()))
+            report_train(s, reporter, losses, window_tokens, time.perf_counter() - window_start - excluded, stats)
+            losses, window_tokens, excluded, stat_sum = [], 0, 0.0, mx.zeros_like(stat_sum)
         aside = time.perf_counter()  # evaluation and saving do not count as training time
         if evaluate_now:
             validate(s, objective, reporter, control, step)
@@ -153,23 +156,28 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
 
 
 def compiled_step(model: Any, optimizer: Any, objective: Objective, grad_clip: float = 0.0) -> tuple[Any, list]:
-    """One optimizer step on a batch's arrays, compiled: returns (step, the state it updates in place)."""
+    """One optimizer step on a batch's arrays, compiled: returns (step, the state it updates in place). A step
+    returns the loss, its token count and a vector of the gradient's global norm (before clipping) followed by the
+    objective's own metrics (objective.metrics), which its loss returns as a third value."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.nn.utils import average_gradients
+    from mlx.utils import tree_flatten
 
     value_and_grad = nn.value_and_grad(model, objective.loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(*batch: Any) -> tuple[Any, Any]:
-        (loss, ntoks), grads = value_and_grad(model, *batch)
+    def step(*batch: Any) -> tuple[Any, Any, Any]:
+        (loss, ntoks, *extra), grads = value_and_grad(model, *batch)
         grads = average_gradients(grads)
         if grad_clip:
-            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+            grads, norm = optim.clip_grad_norm(grads, grad_clip)
+        else:
+            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         optimizer.update(model, grads)
-        return loss, ntoks
+        return loss, ntoks, mx.concatenate([norm.reshape(1).astype(mx.float32), *extra])
 
     return step, state
 
@@ -213,16 +221,19 @@ def check_finite(s: Session, reporter: Reporter, losses: list[tuple[int, Any]], 
 
 
 def report_train(s: Session, reporter: Reporter, losses: list[tuple[int, Any]], tokens: int,
-                 elapsed: float) -> None:
-    """The mean loss of the steps since the last report, over all processes, with speed and memory."""
+                 elapsed: float, stats: dict[str, float] | None = None) -> None:
+    """The mean loss of the steps since the last report, over all processes, with speed and memory, the learning
+    rate of the last step and the means of `stats` (gradient norm, the objective's metrics)."""
     import mlx.core as mx
 
     loss = sum(v.item() for _, v in losses) / max(len(losses), 1)
-    loss = all_sum(mx.array(loss)).item() / s.size
+    names = list(stats or {})
+    means = all_sum(mx.array([loss, *(stats or {}).values()])) / s.size
+    loss, *values = means.tolist()
     tokens = int(all_sum(mx.array(tokens)).item())
     reporter.event("train", step=s.progress.step, loss=loss, learning_rate=float(s.optimizer.learning_rate.item()),
                    tokens_per_second=tokens / max(elapsed, 1e-9), trained_tokens=s.progress.trained_tokens,
-                   peak_memory_gb=mx.get_peak_memory() / 1e9)
+                   peak_memory_gb=mx.get_peak_memory() / 1e9, **dict(zip(names, values)))
     reporter.log(f"step {s.progress.step}/{s.total_steps} loss {loss:.4f} {tokens / max(elapsed, 1e-9):.0f} tok/s")
 
 
@@ -230,9 +241,10 @@ def validate(s: Session, objective: Objective, reporter: Reporter, control: Cont
     """The validation loss; a new best is saved to best/; then the probes, and early stopping."""
     p, t = s.progress, s.cfg.train
     s.model.eval()
-    val_loss = objective.evaluate(s.model, s.val, before_batch=partial(stop_if_asked, s, reporter, control, step))
+    result = objective.evaluate(s.model, s.val, before_batch=partial(stop_if_asked, s, reporter, control, step))
     s.model.train()
-    reporter.event("val", step=step, val_loss=val_loss)
+    val_loss, metrics = result if isinstance(result, tuple) else (result, {})
+    reporter.event("val", step=step, val_loss=val_loss, **metrics)
     reporter.log(f"step {step} validation loss {val_loss:.4f}")
     if p.best_val_loss is None or val_loss < p.best_val_loss - t.early_stop_min_delta:
         p.best_val_loss, p.best_step, p.evals_since_best = val_loss, step, 0

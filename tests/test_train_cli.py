@@ -42,7 +42,7 @@ def test_validation_loss_falls(trained_run):
     assert len(val) == 3 and val[-1] < val[0] - 0.3, val
     train_reports = events(trained_run, "train")
     assert [e["step"] for e in train_reports] == [5, 10, 15, 20, 25, 30]
-    for key in ("loss", "learning_rate", "tokens_per_second", "trained_tokens", "peak_memory_gb"):
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "trained_tokens", "peak_memory_gb"):
         assert all(key in e for e in train_reports)
     assert runs.run_state(trained_run).status == "done"
     assert [e["step"] for e in events(trained_run, "checkpoint")] == [10, 20, 30]

@@ -25,6 +25,8 @@ STYLE = {"train": ("var(--color-accent)", ""), "valid": ("var(--body-text-color-
 TEXT = 'fill="var(--body-text-color)" font-size="13" font-family="inherit"'
 GRID = 'stroke="var(--border-color-primary)" stroke-width="1"'
 SERIES_POINTS = re.compile(r'data-series="(\w+)" data-points="([^"]*)"')
+METRIC_POINTS = re.compile(r'data-metric="(\w+)".*?(?=data-metric="|$)', re.S)
+SERIES_METRIC_POINTS = re.compile(r'data-series="(\w+)" data-metric-points="([^"]*)"')
 
 
 # gr.HTML(js_on_load=...): a tooltip naming the point nearest the pointer (within 24 px), as Vega's hover did.
@@ -73,8 +75,10 @@ def tick_labels(ticks: list[float]) -> list[str]:
     return [f"{t:,.{decimals}f}" for t in ticks]
 
 
-def loss_svg(frame: pd.DataFrame, title: str = "Loss") -> str:
-    """The plot of `frame` (columns step, loss, series); NaN and infinite losses (a diverged run) left out."""
+def loss_svg(frame: pd.DataFrame, title: str = "Loss", y_label: str = "loss", points_attr: str = "data-points") -> str:
+    """The plot of `frame` (columns step, loss, series); NaN and infinite losses (a diverged run) left out. Other
+    quantities (metric_svg) are drawn the same way, their values in the `loss` column, under another y label and
+    points attribute (so points_in() and the hover read the loss plot only)."""
     frame = frame[np.isfinite(frame["loss"])]
     x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP
     parts = [f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" role="img" aria-label="{escape(title)} plot" '
@@ -82,7 +86,7 @@ def loss_svg(frame: pd.DataFrame, title: str = "Loss") -> str:
              f'<text x="{WIDTH / 2}" y="22" text-anchor="middle" {TEXT}>{escape(title)}</text>']
     if frame.empty:
         parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" {TEXT}>'
-                     "No loss reported yet</text></svg>")
+                     f"No {escape(y_label)} reported yet</text></svg>")
         return "".join(parts)
     # The axes span the data exactly on x (the curve fills the width; one step: a step either side) and the
     # round ticks on y.
@@ -106,7 +110,7 @@ def loss_svg(frame: pd.DataFrame, title: str = "Loss") -> str:
             parts.append(f'<text x="{px(t):.1f}" y="{y0 + 20}" text-anchor="middle" {TEXT}>{label}</text>')
     parts.append(f'<text x="{(x0 + x1) / 2}" y="{y0 + 38}" text-anchor="middle" {TEXT}>step</text>'
                  f'<text transform="translate(16 {(y0 + y1) / 2}) rotate(-90)" text-anchor="middle" {TEXT}>'
-                 "loss</text>")
+                 f"{escape(y_label)}</text>")
     legend_x = (x0 + x1) / 2 - 60 * len(STYLE) / 2
     for i, (series, (colour, dash)) in enumerate(STYLE.items()):
         rows = frame[frame["series"] == series]
@@ -119,7 +123,7 @@ def loss_svg(frame: pd.DataFrame, title: str = "Loss") -> str:
             width = 6 if len(coords) == 1 else 2
             parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="{width}" '
                          f'stroke-linecap="round" stroke-linejoin="round" stroke-dasharray="{dash}" '
-                         f'data-series="{series}" data-points="{points}"/>')
+                         f'data-series="{series}" {points_attr}="{points}"/>')
         lx = legend_x + 60 * i
         parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{HEIGHT - 8}" y2="{HEIGHT - 8}" stroke="{colour}" '
                      f'stroke-width="2" stroke-dasharray="{dash}"/>'
@@ -132,3 +136,17 @@ def points_in(svg: str) -> list[tuple[int, float, str]]:
     """[(step, loss, series)] that loss_svg() drew into `svg`: for scripts reading /poll, and for tests."""
     return [(int(step), float(loss), series) for series, points in SERIES_POINTS.findall(svg)
             for _, _, step, loss in (point.split(",") for point in points.split())]
+
+
+def metric_svg(frame: pd.DataFrame, metric: str, title: str) -> str:
+    """One metric's plot (a `loss_svg` of its values), in a box that names it: data-metric="grad_norm"."""
+    svg = loss_svg(frame, title, y_label=title.lower(), points_attr="data-metric-points")
+    return f'<div class="metric-plot" data-metric="{metric}">{svg}</div>'
+
+
+def metric_points_in(html: str) -> dict[str, list[tuple[int, float, str]]]:
+    """{metric: [(step, value, series)]} that metric_svg() drew into `html`: for scripts and tests."""
+    return {metric.group(1): [(int(step), float(value), series)
+                              for series, points in SERIES_METRIC_POINTS.findall(metric.group(0))
+                              for _, _, step, value in (point.split(",") for point in points.split())]
+            for metric in METRIC_POINTS.finditer(html)}

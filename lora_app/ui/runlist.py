@@ -13,7 +13,7 @@ import pandas as pd
 
 from .. import runs
 from ..config import field_defaults
-from .timeline import fmt, loss_frame
+from .timeline import fmt, loss_frame, metric_frame
 
 RUN_COLUMNS = ["name", "date", "status", "model", "rank/alpha", "targets", "step", "train loss", "valid loss",
                "best (step)", "adapters"]
@@ -60,10 +60,11 @@ def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
 
 # ---- comparison ------------------------------------------------------------------------------------------
 
-def curve_points(events: list[dict]) -> pd.DataFrame:
+def curve_points(events: list[dict], metric: str = "loss") -> pd.DataFrame:
     """step, tokens, loss, series for one run (last value per step); validation points get the tokens seen
-    at their step, interpolated from the train reports."""
-    frame = loss_frame(events)
+    at their step, interpolated from the train reports. Another `metric` (timeline.METRICS) puts its values in
+    the loss column."""
+    frame = loss_frame(events) if metric == "loss" else metric_frame(events, metric)
     train = {int(e["step"]): e.get("trained_tokens", 0) for e in events if e["event"] == "train"}
     steps = sorted(train)
     if steps:

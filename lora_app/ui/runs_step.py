@@ -14,6 +14,7 @@ from ..config import ConfigError, RunConfig
 from .context import Context
 from .runlist import compare_frame, config_diff, curve_points, runs_frame
 from .settings import export_yaml
+from .timeline import METRICS
 from .train_step import CACHE
 
 
@@ -50,7 +51,8 @@ def export_run_yaml(ctx: Context, name: str | None) -> str | None:
     return str(path)
 
 
-def compare(ctx: Context, names: list[str] | None, x: str, log_scale: bool, smoothing: float) -> tuple:
+def compare(ctx: Context, names: list[str] | None, x: str, log_scale: bool, smoothing: float,
+            metric: str = "loss") -> tuple:
     try:
         folders = {n: runs.resolve_run(ctx.runs_dir, n) for n in dict.fromkeys(names or [])}
     except runs.RunError as e:
@@ -59,10 +61,12 @@ def compare(ctx: Context, names: list[str] | None, x: str, log_scale: bool, smoo
     if len(folders) < 2:
         gr.Warning("Compare: choose at least two runs.")
         return gr.skip(), gr.skip(), None
-    curves = {n: curve_points(CACHE.events(folder)) for n, folder in folders.items()}
+    metric = metric if metric in METRICS else "loss"
+    curves = {n: curve_points(CACHE.events(folder), metric) for n, folder in folders.items()}
     frame = compare_frame(curves, "tokens" if x == "tokens seen" else "step", log_scale, smoothing)
     diff = config_diff({n: runs.read_config(folder) for n, folder in folders.items()})
-    y = "log10 loss" if log_scale else "loss"
+    label = METRICS.get(metric, "loss").lower()
+    y = f"log10 {label}" if log_scale else label
     legend = sorted(set(frame["curve"]))
     return gr.update(value=frame, x=frame.columns[0], y_title=y, colors_in_legend=legend), diff, frame
 
@@ -88,6 +92,8 @@ def build_compare(ctx: Context) -> SimpleNamespace:
         x = gr.Radio(["step", "tokens seen"], value="step", label="Align by")
         log_scale = gr.Checkbox(False, label="Log scale")
         smoothing = gr.Slider(0, 0.95, value=0, step=0.05, label="Smoothing")
+        metric = gr.Dropdown([("Loss", "loss")] + [(title, m) for m, title in METRICS.items()], value="loss",
+                             label="Chart", elem_id="compare-metric")
     go = gr.Button("Compare", variant="primary")
     plot = gr.LinePlot(compare_frame({}), x="step", y="loss", color="curve", title="Loss", height=360,
                        elem_id="compare-plot")
@@ -96,7 +102,7 @@ def build_compare(ctx: Context) -> SimpleNamespace:
     # Two updates: Gradio 6.31's LinePlot rebuilds its chart when a prop changes (the x column, the y title, the
     # curves in the legend) but draws the rebuilt chart from its previous value, so the frame is sent once more,
     # alone, once the rebuild is asked for.
-    go.click(lambda *a: compare(ctx, *a), [pick, x, log_scale, smoothing], [plot, diff, drawn],
+    go.click(lambda *a: compare(ctx, *a), [pick, x, log_scale, smoothing, metric], [plot, diff, drawn],
              api_name="compare").then(lambda frame: frame if frame is not None else gr.skip(), drawn, plot,
                                       api_name=False, show_progress="hidden")
     return SimpleNamespace(pick=pick)

@@ -31,6 +31,29 @@ def loss_frame(events: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LOSS_COLUMNS).astype({"step": "int64", "loss": "float64", "series": "str"})
 
 
+# What the charts beyond loss show: event field -> title. Learning rate and gradient norm come with every train
+# report; reward margin and accuracy with preference runs' train and val events (objective metrics).
+METRICS = {"learning_rate": "Learning rate", "grad_norm": "Gradient norm", "reward_margin": "Reward margin",
+           "reward_accuracy": "Reward accuracy"}
+
+
+def metric_frame(events: list[dict], metric: str) -> pd.DataFrame:
+    """Like loss_frame for another field of the train (series train) and val (series valid) events: the value
+    in the `loss` column, so the same plot and comparison code draw it."""
+    points: dict[tuple[str, int], float] = {}
+    for e in events:
+        if e["event"] in ("train", "val") and e.get(metric) is not None:
+            points[("train" if e["event"] == "train" else "valid", int(e["step"]))] = float(e[metric])
+    rows = [(step, value, series) for (series, step), value in sorted(points.items(), key=lambda kv: kv[0][1])]
+    return pd.DataFrame(rows, columns=LOSS_COLUMNS).astype({"step": "int64", "loss": "float64", "series": "str"})
+
+
+def metric_frames(events: list[dict], most: int | None = None) -> dict[str, pd.DataFrame]:
+    """Each metric this run reports (METRICS order), thinned to `most` points a series when given."""
+    frames = {m: metric_frame(events, m) for m in METRICS}
+    return {m: thin(f, most) if most else f for m, f in frames.items() if not f.empty}
+
+
 def thin(frame: pd.DataFrame, most: int, recent: int = 50) -> pd.DataFrame:
     """At most `most` points per series: the `recent` newest all kept (so each report is drawn as it comes, and
     stays), the older ones evenly spaced over their steps, the first kept. Each update sends and redraws the
@@ -101,10 +124,15 @@ def stats_markdown(state: runs.RunState, events: list[dict]) -> str:
         f"**best** {fmt(state.best_val_loss, '.4f')}"
         + (f" @ {state.best_step}" if state.best_step is not None else ""),  # step 0: a starting adapter
         f"**learning rate** {fmt(t.get('learning_rate'), '.2e')}",
+        f"**grad norm** {fmt(t.get('grad_norm'), '.3g')}",
         f"**tokens/s** {fmt(t.get('tokens_per_second'), ',.0f')}",
         f"**peak memory** {'-' if peak is None else human_bytes(peak * 1e9)}",  # MB for a small model's few MB
         f"**tokens trained** {fmt(t.get('trained_tokens'), ',')}",
     ]
+    val = next((e for e in reversed(events) if e["event"] == "val"), {})
+    for name, source in (("reward margin", "reward_margin"), ("reward accuracy", "reward_accuracy")):
+        if t.get(source) is not None or val.get(source) is not None:
+            parts.append(f"**{name}** {fmt(t.get(source), '.3f')} train · {fmt(val.get(source), '.3f')} valid")
     if first:
         parts.append(f"**first step** {first['seconds']:.1f}s (load + compile)")
     processes = processes_line(events)

@@ -18,7 +18,7 @@ from ..config import ConfigError, RunConfig, save_config_json
 from . import launch, timeline
 from .context import Context, warned
 from .form import widget
-from .loss_plot import HOVER_JS, loss_svg
+from .loss_plot import HOVER_JS, loss_svg, metric_svg
 from .settings import FORM_KEYS, command_preview, export_yaml, form_to_config, import_yaml
 
 CACHE = timeline.EventCache()
@@ -131,9 +131,18 @@ def poll(ctx: Context, current: str, seen: list | None) -> tuple:
         return nothing_new(seen)
     same_samples = seen is not None and seen[0] == current and seen[-1] == samples
     curve = timeline.thin(timeline.loss_frame(events), PLOT_POINTS)
-    return (timeline.progress_html(state, events), timeline.stats_markdown(state, events), loss_svg(curve),
+    return (timeline.progress_html(state, events), timeline.stats_markdown(state, events),
+            loss_svg(curve) + metric_plots(events),
             gr.skip() if same_samples else timeline.samples_frame(events),
             log, f"Showing **{current}** · {state.status}", version)
+
+
+def metric_plots(events: list[dict]) -> str:
+    """The charts beyond loss under the loss plot, two a row: learning rate, gradient norm and, for preference
+    runs, reward margin and accuracy (timeline.METRICS)."""
+    plots = "".join(metric_svg(frame, metric, timeline.METRICS[metric])
+                    for metric, frame in timeline.metric_frames(events, PLOT_POINTS).items())
+    return f'<div class="metric-plots" style="display:grid;grid-template-columns:1fr 1fr">{plots}</div>'
 
 
 def folder_mark(run_dir: Path) -> tuple:
