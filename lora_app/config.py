@@ -74,6 +74,11 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
+    method: str = setting(
+        "lora", "Method",
+        "lora (low-rank adapter), dora (LoRA plus a learned magnitude per output, mlx-lm's DoRALinear) or full "
+        "(every weight of the chosen blocks' modules trained, saved as a whole model folder).",
+        choices=("lora", "dora", "full"))
     rank: int = setting(8, "Rank r", "LoRA rank r.", bounds=Bound(1, 4096))
     alpha: float = setting(16.0, "Alpha", "LoRA alpha; the update is scaled by alpha / rank.",
                            bounds=Bound(0, 1_000_000, low_open=True))
@@ -93,8 +98,9 @@ class LoraConfig:
 class DataConfig:
     data: str = setting(DEMO, "Data: 'demo', a folder or a file (.jsonl/.json/.csv/.parquet)",
                         "Data folder, single file, Hugging Face dataset, or 'demo'.")
-    data_format: str = setting("auto", "Format", "auto, text, completions, chat or instruction.",
-                               choices=("auto", "text", "completions", "chat", "instruction"))
+    data_format: str = setting("auto", "Format", "auto, text, completions, chat, instruction or preference "
+                               "(chosen/rejected pairs, for DPO and ORPO).",
+                               choices=("auto", "text", "completions", "chat", "instruction", "preference"))
     columns: dict[str, str] = setting({}, "Columns", "Column mapping, e.g. {prompt: question, completion: answer}.")
     hf_split: str = setting("", "Hub dataset split", "Split of a Hugging Face dataset to use for training.")
     valid_fraction: float = setting(0.1, "Validation share (single file)",
@@ -157,6 +163,16 @@ class TrainConfig:
         "Up to 5 prompts answered greedily at each evaluation.")
     probe_max_tokens: int = setting(32, "Probe answer tokens", "Tokens generated per probe answer.",
                                     bounds=Bound(1, 4096))
+    objective: str = setting(
+        "sft", "Objective",
+        "sft (next-token loss; on preference data, the chosen answers), dpo or orpo (preference pairs: "
+        "chosen/rejected).", choices=("sft", "dpo", "orpo"))
+    beta: float = setting(0.1, "DPO beta", "DPO's beta: how far the trained model may move from the reference.",
+                          bounds=Bound(0, 1000, low_open=True))
+    orpo_lambda: float = setting(0.1, "ORPO lambda", "ORPO's weight of the odds-ratio term beside the chosen "
+                                 "answers' NLL.", bounds=Bound(0, 1000))
+    report_to: str = setting("none", "Report to", "none, or tensorboard: the scalars also as TensorBoard event "
+                             "files in the run folder (tensorboard/).", choices=("none", "tensorboard"))
 
 
 SECTIONS = (ModelConfig, LoraConfig, DataConfig, TrainConfig)
@@ -333,14 +349,18 @@ def to_int(value: Any) -> int:
 
 # mlx-lm keys with no meaning for us (kept so its YAML files load unchanged).
 IGNORED_MLX_LM_KEYS = {
-    "train", "test", "test_batches", "fine_tune_type", "adapter_path", "config",
-    "grad_accumulation_steps", "clear_cache_threshold", "report_to", "project_name", "trust_remote_code",
+    "train", "test", "test_batches", "adapter_path", "config",
+    "grad_accumulation_steps", "clear_cache_threshold", "project_name", "trust_remote_code",
     "optimizer_config", "wandb", "hf_dataset",
 }
 
 
 def translate_mlx_lm_keys(flat: dict[str, Any]) -> dict[str, Any]:
     """Map mlx-lm's config keys onto ours: lora_parameters.scale -> alpha, num_layers -> layers, ..."""
+    if "fine_tune_type" in flat:
+        flat.setdefault("method", flat.pop("fine_tune_type"))
+    if flat.get("report_to") not in (None, "none", "tensorboard"):  # mlx-lm's wandb / swanlab: not ours
+        flat.pop("report_to")
     params = flat.pop("lora_parameters", None)
     if params:
         rank = params.get("rank", flat.get("rank", 8))
@@ -376,7 +396,7 @@ def translate_mlx_lm_keys(flat: dict[str, Any]) -> dict[str, Any]:
 def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dict[str, Any]:
     """Flat settings that both `python -m lora_app train --config` and `mlx_lm.lora --config` accept."""
     flat = config.to_flat()
-    out: dict[str, Any] = {"train": True, "fine_tune_type": "lora"}
+    out: dict[str, Any] = {"train": True, "fine_tune_type": config.lora.method}
     for key in ("model", "data", "batch_size", "iters", "learning_rate", "steps_per_report", "steps_per_eval",
                 "val_batches", "save_every", "max_seq_length", "seed", "grad_checkpoint", "mask_prompt",
                 "optimizer"):

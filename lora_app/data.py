@@ -21,10 +21,12 @@ from .data_sources import DataError, Row, Source, read_source
 
 Example = tuple[list[int], list[int]]
 SPLITS = ("train", "valid", "test")
-FORMATS = ("text", "completions", "chat", "instruction")
+SIDES = ("chosen", "rejected")  # a preference row's answers
+FORMATS = ("text", "completions", "chat", "instruction", "preference")
 REQUIRED = {"text": ("text",), "completions": ("prompt", "completion"), "chat": ("messages",),
-            "instruction": ("instruction", "output")}
-FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output", "system")
+            "instruction": ("instruction", "output"), "preference": ("chosen", "rejected")}
+FIELDS = ("text", "prompt", "completion", "messages", "instruction", "input", "output", "system", "chosen",
+          "rejected")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function": "tool", "observation": "tool"}
 SKIP_HINT = "Fix these rows, or skip them with --skip-bad-rows (the 'Skip bad rows' box in the app)."
@@ -163,7 +165,8 @@ def choose_format(cfg: DataConfig, source: Source) -> tuple[str, str]:
     fmt = detect_format({**map_columns(first.data, cfg.columns), **dict.fromkeys(cfg.columns)})
     if not fmt:
         raise DataError([(f"{first.where}: cannot tell the format from the fields {', '.join(map(str, first.data))}; "
-                         "expected text, prompt+completion, messages, or instruction+output; map yours with "
+                         "expected text, prompt+completion, messages, instruction+output, or chosen+rejected; "
+                         "map yours with "
                          "columns, e.g. --columns prompt=question,completion=answer")])
     check_columns(source, fmt, cfg.columns)
     return fmt, f"detected format: {fmt} (from the fields of {first.where})"
@@ -171,6 +174,8 @@ def choose_format(cfg: DataConfig, source: Source) -> tuple[str, str]:
 
 def detect_format(row: dict) -> str:
     """The format a row's fields suggest; '' when none fits."""
+    if "chosen" in row and "rejected" in row:  # pairs.py: DPO / ORPO
+        return "preference"
     if "messages" in row or "conversations" in row:
         return "chat"
     if "prompt" in row and "completion" in row:
@@ -221,6 +226,8 @@ def row_problem(row: Any, fmt: str, columns: dict[str, str], mask_prompt: bool) 
     """What makes a row unusable for its format ('' when nothing)."""
     if not isinstance(row, dict):
         return f"expected an object with fields, got {type(row).__name__}"
+    if fmt == "preference":
+        return pair_problem(row, lambda name: column_label(name, columns))
     if fmt == "chat":
         if row.get("messages") is None:
             return f"missing {column_label('messages', columns)}"
@@ -271,6 +278,8 @@ def tokenize_row(row: dict, fmt: str, tokenizer: Any, mask_prompt: bool) -> Exam
         return tokens, [0] + [1] * (len(tokens) - 1)
     if fmt == "chat":
         return tokenize_chat(row["messages"], tokenizer, mask_prompt, tools=row.get("tools"))
+    if fmt == "preference":  # a pair of examples: (chosen, rejected)
+        return tokenize_pair(row, tokenizer)
     prompt, completion = prompt_completion(row, fmt)
     if not has_chat_template(tokenizer):
         return tokenize_plain(prompt, completion, tokenizer, mask_prompt)
@@ -340,6 +349,55 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
 
 
+# ---------------------------------------------------------------------------------------------- preference pairs
+
+def pair_problem(row: dict, label: Any) -> str:
+    """What makes a preference row unusable ('' when nothing); `label(name)` names a field as the user wrote it.
+    Rows: {prompt, chosen, rejected} as text, or chosen and rejected as conversations ending in the judged
+    assistant turn (an optional prompt: the messages before it); pairs.py batches them for DPO and ORPO."""
+    prompt = row.get("prompt")
+    for side in SIDES:
+        value = row.get(side)
+        if value is None:
+            return f"missing {label(side)}"
+        if isinstance(value, str):
+            if not value.strip():
+                return f"{label(side)} is an empty string"
+            if not isinstance(prompt, str) or not prompt.strip():
+                return (f"{label(side)} is text, so {label('prompt')} must be a non-empty string" if prompt is not None
+                        else f"missing {label('prompt')}, which text answers need")
+        elif isinstance(value, list):
+            messages = (prompt if isinstance(prompt, list) else []) + value
+            problem = messages_problem(messages, mask_prompt=False)
+            if problem:
+                return f"{label(side)}: {problem}"
+            if messages[-1].get("role") != "assistant":
+                return f"{label(side)}: the last message must be the assistant's answer that is judged"
+        else:
+            return f"{label(side)} should be a string or a list of messages, got {type(value).__name__}"
+    return ""
+
+
+def tokenize_pair(row: dict, tokenizer: Any) -> tuple[Example, Example]:
+    """The chosen and the rejected example of a checked row; only the judged answer carries weight."""
+    chosen, rejected = (tokenize_answer(row, side, tokenizer) for side in SIDES)
+    return chosen, rejected
+
+
+def tokenize_answer(row: dict, side: str, tokenizer: Any) -> Example:
+    answer, prompt = row[side], row.get("prompt")
+    if isinstance(answer, str) and not has_chat_template(tokenizer):
+        return tokenize_plain(prompt, answer, tokenizer, mask_prompt=True)
+    if isinstance(answer, str):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    else:
+        messages = (prompt if isinstance(prompt, list) else []) + answer
+    tokens = chat_ids(tokenizer, messages)
+    start = common_prefix(tokens, chat_ids(tokenizer, messages[:-1], True))
+    return tokens, [0] * start + [1] * (len(tokens) - start)
+
+
+
 # ---------------------------------------------------------------------------------------------- preview, statistics
 
 
@@ -355,12 +413,13 @@ def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: in
         if example is None:
             out.append(PreviewRow(row.where, [], problem=problem))
             continue
-        tokens, weights = example
-        kept = min(len(tokens), max_seq_length)
-        shown = min(kept, SHOWN_TOKENS)
-        segments = list(zip(token_texts(tokenizer, tokens[:shown]), [bool(w) for w in weights[:shown]]))
-        out.append(PreviewRow(row.where, segments, len(tokens), sum(weights[:kept]), len(tokens) - kept,
-                              hidden=kept - shown))
+        sides = zip(("chosen", "rejected"), example) if fmt == "preference" else [("", example)]
+        for side, (tokens, weights) in sides:  # a pair: its chosen row, then its rejected row
+            kept = min(len(tokens), max_seq_length)
+            shown = min(kept, SHOWN_TOKENS)
+            segments = list(zip(token_texts(tokenizer, tokens[:shown]), [bool(w) for w in weights[:shown]]))
+            out.append(PreviewRow(f"{row.where} · {side}" if side else row.where, segments, len(tokens),
+                                  sum(weights[:kept]), len(tokens) - kept, hidden=kept - shown))
     return out
 
 
@@ -378,8 +437,10 @@ def token_texts(tokenizer: Any, tokens: list[int], context: int = 8) -> list[str
 
 
 def statistics(loaded: LoadedData, max_seq_length: int) -> dict[str, Any]:
-    """Rows per split and, for the training split, tokens per row, trained tokens and truncation."""
-    lengths = [len(tokens) for tokens, _ in loaded.train]
+    """Rows per split and, for the training split, tokens per row, trained tokens and truncation (preference
+    data: per answer, each pair counting as its two answers)."""
+    train = [side for pair in loaded.train for side in pair] if loaded.format == "preference" else loaded.train
+    lengths = [len(tokens) for tokens, _ in train]
     cuts = [n - max_seq_length for n in lengths if n > max_seq_length]
     s = {
         "format": loaded.format,
@@ -389,7 +450,7 @@ def statistics(loaded: LoadedData, max_seq_length: int) -> dict[str, Any]:
         "tokens_median": stats.median(lengths) if lengths else 0,
         "tokens_max": max(lengths, default=0),
         "tokens": sum(lengths),
-        "trained_tokens": sum(sum(w[:max_seq_length]) for _, w in loaded.train),
+        "trained_tokens": sum(sum(w[:max_seq_length]) for _, w in train),
         "max_seq_length": max_seq_length,
         "long_rows": len(cuts),
         "tokens_cut": sum(cuts),

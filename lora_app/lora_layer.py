@@ -16,12 +16,31 @@ the all-linear step from 3,540 to 3,252 kernels and 51.5 to 49.9 ms of GPU time,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import mlx.core as mx
+from mlx_lm.tuner.dora import DoRALinear as MlxLmDoRALinear
 from mlx_lm.tuner.lora import LoRALinear as MlxLmLoRALinear
+
+_OFF = [False]  # inside adapters_off(): every adapted layer computes its frozen base alone
+
+
+@contextmanager
+def adapters_off() -> Iterator[None]:
+    """The base model without a second copy of it: LoRA and DoRA layers skip their adapter inside this context
+    (DPO's reference). A Python flag read while a function is traced: a compiled step holds both passes."""
+    _OFF[0] = True
+    try:
+        yield
+    finally:
+        _OFF[0] = False
 
 
 class LoRALinear(MlxLmLoRALinear):
     def __call__(self, x: mx.array) -> mx.array:
+        if _OFF[0]:
+            return self.linear(x)
         if x.dtype != mx.bfloat16:
             return super().__call__(x)
         y = self.linear(x)
@@ -30,3 +49,10 @@ class LoRALinear(MlxLmLoRALinear):
         h = self.dropout(x).reshape(-1, x.shape[-1]) @ self.lora_a.astype(x.dtype)
         b = (self.scale * self.lora_b).astype(x.dtype)
         return mx.addmm(y.reshape(-1, y.shape[-1]), h, b).reshape(y.shape)
+
+
+class DoRALinear(MlxLmDoRALinear):
+    """mlx-lm's DoRALinear, switched off by adapters_off() like LoRALinear."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(x) if _OFF[0] else super().__call__(x)

@@ -94,10 +94,13 @@ def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None, head: H
 
 
 def batch_arrays(batch: Batch) -> tuple:
-    """A batch as the arrays loss() takes: tokens, weights and, for packed rows, segment ids."""
+    """A batch as the arrays loss() takes: tokens, weights, for preference pairs the answer of each token
+    (pairs.PairBatch.owners) and, for packed rows, segment ids."""
     import mlx.core as mx
 
     arrays = (mx.array(batch.tokens), mx.array(batch.weights))
+    owners = getattr(batch, "owners", None)
+    arrays += (mx.array(owners),) if owners is not None else ()
     return arrays + ((mx.array(batch.segments),) if batch.segments is not None else ())
 
 

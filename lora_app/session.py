@@ -82,17 +82,20 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     # The adapter names a hub model by its repo id (portable), anything else by its folder.
     base_model = cfg.model.model if is_hub_id(cfg.model.model) else base_path
     model, tokenizer = load_model(base_path, cfg.model.dequantize)
-    data = load_data(cfg.data, tokenizer, batch_size=t.batch_size)
+    data = for_objective(load_data(cfg.data, tokenizer, batch_size=t.batch_size), t.objective)
     for note in data.notes:
         reporter.event("info", message=note)
+    if cfg.lora.method != "lora":
+        from .config import ConfigError
+
+        raise ConfigError(f"method {cfg.lora.method} is not available yet")
     targets = apply_lora(model, cfg.lora, seed=t.seed)
-    plan = BatchPlan(data.train, t.batch_size, t.max_seq_length, t.batching, t.seed, rank, size)
+    plan, val = plans(cfg, data, rank, size)
     total_steps = max(1, math.ceil(t.epochs * plan.steps_per_epoch())) if t.epochs > 0 else t.iters
     optimizer = build_optimizer(cfg, total_steps)
     optimizer.init(model.trainable_parameters())
     s = Session(run_dir=Path(run_dir), cfg=cfg, rank=rank, size=size, model=model, tokenizer=tokenizer,
-                head=find_head(model), plan=plan, val=eval_batches(data.valid, t.batch_size, t.max_seq_length,
-                                                                   t.val_batches, rank, size),
+                head=find_head(model), plan=plan, val=val,
                 optimizer=optimizer, total_steps=total_steps, started=started,
                 adapter_config=adapter_config(cfg.lora, targets, len(blocks_of(model)), base_model))
     if resume:
@@ -109,6 +112,42 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
                    trainable_params=n, steps_per_epoch=plan.steps_per_epoch(), data_format=data.format)
     check_memory(s, n, reporter)
     return s
+
+
+def for_objective(data: Any, objective: str) -> Any:
+    """The loaded data for the objective: DPO and ORPO need pairs; SFT on pairs trains on the chosen answers."""
+    from .data_sources import DataError
+
+    pairs = data.format == "preference"
+    if objective != "sft" and not pairs:
+        raise DataError([f"objective {objective} needs preference data: rows with chosen and rejected answers "
+                         f"(this data's format is {data.format})"])
+    if objective == "sft" and pairs:
+        for split in ("train", "valid", "test"):
+            setattr(data, split, [chosen for chosen, _ in getattr(data, split)])
+        data.notes.append("objective sft on preference data: training on the chosen answers")
+    return data
+
+
+def plans(cfg: RunConfig, data: Any, rank: int, size: int) -> tuple[Any, list]:
+    """The training batch plan and the validation batches: of examples, or of pairs for DPO and ORPO."""
+    from .pairs import PairPlan, pair_eval_batches
+
+    t = cfg.train
+    if t.objective == "sft":
+        return (BatchPlan(data.train, t.batch_size, t.max_seq_length, t.batching, t.seed, rank, size),
+                eval_batches(data.valid, t.batch_size, t.max_seq_length, t.val_batches, rank, size))
+    return (PairPlan(data.train, t.batch_size, t.max_seq_length, t.batching, t.seed, rank, size),
+            pair_eval_batches(data.valid, t.batch_size, t.max_seq_length, t.val_batches, rank, size))
+
+
+def objective_for(cfg: RunConfig, head: Head | None) -> Any:
+    """What the run minimises (objective.py, preference.py)."""
+    from .objective import CrossEntropy
+    from .preference import Preference
+
+    t = cfg.train
+    return CrossEntropy(head) if t.objective == "sft" else Preference(t.objective, t.beta, t.orpo_lambda)
 
 
 def build_optimizer(cfg: RunConfig, total_steps: int) -> Any:

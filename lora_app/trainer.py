@@ -25,8 +25,8 @@ from .checkpoints import roll_back, save_checkpoint
 from .config import RunConfig
 from .distributed import agree, all_sum, host_names, world
 from .lora import adapter_tensors
-from .objective import CrossEntropy, Objective, batch_arrays
-from .session import Reporter, Session, prepare
+from .objective import Objective, batch_arrays
+from .session import Reporter, Session, objective_for, prepare
 
 OOM_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
 # How MLX (Metal, CUDA, CPU malloc) and the C++ runtime word an allocation failure.
@@ -316,7 +316,7 @@ def run(run_dir: Path, cfg: RunConfig, resume: bool = False) -> Outcome:
         reporter.event("status", status="running", total_steps=session.total_steps, step=step, world_size=size,
                        hosts=host_names(rank, size))
         try:
-            train(session, CrossEntropy(session.head), reporter, control)
+            train(session, objective_for(cfg, session.head), reporter, control)
         finally:
             step = session.progress.step
         status, message = "done", "training finished"

@@ -52,6 +52,7 @@ def build() -> SimpleNamespace:
         layers = form.widget("layers", info=None, elem_id="layers")
     modules = gr.CheckboxGroup(LLAMA_MODULES, **form.props("modules", info=None, elem_id="modules"))
     with gr.Row():
+        method = form.widget("method", elem_id="method")
         rank = form.widget("rank", elem_id="rank")
         alpha = form.widget("alpha", elem_id="alpha")
         dropout = form.slider("dropout", 0.05)
@@ -60,8 +61,8 @@ def build() -> SimpleNamespace:
                           elem_id="adapter-summary")
     rank.change(scale_text, [rank, alpha], scale, api_name="scale", show_progress="hidden")
     alpha.change(scale_text, [rank, alpha], scale, api_name="scale_alpha", show_progress="hidden")
-    return SimpleNamespace(first=first, last=last, layers=layers, modules=modules, rank=rank, alpha=alpha,
-                           dropout=dropout, scale=scale, summary=summary)
+    return SimpleNamespace(first=first, last=last, layers=layers, modules=modules, method=method, rank=rank,
+                           alpha=alpha, dropout=dropout, scale=scale, summary=summary)
 
 
 def wire(ui: SimpleNamespace, info: gr.State, train_inputs: list) -> None:
