@@ -93,11 +93,12 @@ def resolve_targets(model: Any, cfg: LoraConfig) -> LoraTargets:
 
 
 def apply_lora(model: Any, cfg: LoraConfig, seed: int | None = None) -> LoraTargets:
-    """Freeze the model and wrap the targets in LoRALinear; only lora_a / lora_b are trainable afterwards."""
+    """Freeze the model and wrap the targets in LoRALinear (DoRALinear for method dora: also a magnitude `m` per
+    output, starting at the base weight's row norms); only lora_a / lora_b (/ m) are trainable afterwards."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from .lora_layer import LoRALinear
+    from .lora_layer import DoRALinear, LoRALinear
 
     targets = resolve_targets(model, cfg)
     if seed is not None:
@@ -110,8 +111,12 @@ def apply_lora(model: Any, cfg: LoraConfig, seed: int | None = None) -> LoraTarg
         wrapped = []
         for name in targets.modules:
             out_features, in_features = linear_shape(existing[name])
-            layer = LoRALinear(in_features, out_features, r=cfg.rank, dropout=cfg.dropout, scale=scale)
-            layer.linear = existing[name]
+            if cfg.method == "dora":
+                layer = DoRALinear(in_features, out_features, r=cfg.rank, dropout=cfg.dropout, scale=scale)
+                layer.set_linear(existing[name])  # m = the base rows' norms: step 0 is the base model
+            else:
+                layer = LoRALinear(in_features, out_features, r=cfg.rank, dropout=cfg.dropout, scale=scale)
+                layer.linear = existing[name]
             # The seed's init: A ~ N(0, 1/sqrt(in)) (mlx-lm draws it uniform); B stays zero.
             layer.lora_a = mx.random.normal((in_features, cfg.rank)) * (1.0 / math.sqrt(in_features))
             wrapped.append((name, layer))

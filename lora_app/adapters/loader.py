@@ -25,7 +25,7 @@ def adapter_config(lora: LoraConfig, targets: LoraTargets, num_blocks: int, base
     last_n = targets.blocks == list(range(num_blocks - len(targets.blocks), num_blocks))
     keys = targets.modules if last_n else targets.module_paths()
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": lora.method,  # lora or dora: mlx-lm's loader builds the same layers
         "model": base_model,
         "num_layers": len(targets.blocks) if last_n else num_blocks,
         "lora_parameters": {"rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout,

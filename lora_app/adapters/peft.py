@@ -8,21 +8,27 @@ Reading a PEFT folder is reader.py's job; loader.py loads it, export.py writes o
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from .reader import BLOCK, PEFT_WEIGHTS, AdapterError, AdapterSettings, mlx_name
 
 PREFIX = "base_model.model."
+MAGNITUDE = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 
 def to_peft_tensors(weights: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """mlx-lm names and orientation -> PEFT's: `<path>.lora_a` [in, r] -> `...<path>.lora_A.weight` [r, in]."""
+    """mlx-lm names and orientation -> PEFT's: `<path>.lora_a` [in, r] -> `...<path>.lora_A.weight` [r, in];
+    DoRA's magnitude `<path>.m` [out] -> `...<path>.lora_magnitude_vector` (PEFT's saved name)."""
     out = {}
     for name, w in sorted(weights.items()):
         path, _, kind = name.rpartition(".")
+        if kind == "m":
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = w
+            continue
         if kind not in ("lora_a", "lora_b"):
-            raise AdapterError(f"{folder}: {name} is not a LoRA tensor (only plain LoRA exports to PEFT)")
+            raise AdapterError(f"{folder}: {name} is not a LoRA or DoRA tensor")
         out[f"{PREFIX}{path}.lora_{kind[-1].upper()}.weight"] = w.T
     return out
 
@@ -31,6 +37,10 @@ def from_peft_tensors(tensors: dict[str, Any], folder: Path) -> dict[str, Any]:
     """PEFT names and orientation -> mlx-lm's (the inverse of to_peft_tensors)."""
     out, bad = {}, []
     for name, w in tensors.items():
+        magnitude = MAGNITUDE.match(name)
+        if magnitude:  # DoRA's, 1-D: no transpose
+            out[f"{magnitude['path']}.m"] = w
+            continue
         ours = mlx_name(name)
         if ours is None:
             bad.append(name)
@@ -47,6 +57,7 @@ def peft_config_for(settings: AdapterSettings, weights: dict[str, Any], base_mod
     adapt every linear module, unnamed) export too."""
     alpha = float(settings.alpha)
     paths = {name.rpartition(".")[0] for name in weights}
+    dora = any(name.endswith(".m") for name in weights)
     blocks = sorted({int(m.group(1)) for p in paths if (m := BLOCK.search(p))})
     # PEFT's "every block" form only where the folder records the base's block count (ours)
     all_blocks = settings.num_blocks is not None and blocks == list(range(settings.num_blocks))
@@ -56,7 +67,7 @@ def peft_config_for(settings: AdapterSettings, weights: dict[str, Any], base_mod
         "lora_dropout": float(settings.dropout),
         "target_modules": sorted({p.rsplit(".", 1)[-1] for p in paths}),
         "layers_to_transform": None if all_blocks else blocks, "layers_pattern": None if all_blocks else "layers",
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": dora,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }

@@ -50,6 +50,7 @@ class AdapterSettings:
     step: int | None = None
     val_loss: float | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # adapter_config.json as written
+    method: str = "lora"  # or dora (mlx-lm's fine_tune_type; PEFT's use_dora)
 
     @property
     def scale(self) -> float:
@@ -62,7 +63,7 @@ class AdapterSettings:
         if num_blocks is not None and layers.startswith("last:") and int(layers[5:]) >= num_blocks:
             layers = "all"
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, modules=list(self.modules),
-                          layers=layers)
+                          layers=layers, method=self.method)
 
 
 def read_adapter(folder: str | Path) -> AdapterSettings:
@@ -109,9 +110,9 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     if not (folder / ADAPTER_FILE).is_file():
         raise AdapterError(f"{folder}: no {ADAPTER_FILE}")
     config = read_json(folder / CONFIG_FILE)
-    if config.get("fine_tune_type", "lora") != "lora":
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise AdapterError(f"{folder / CONFIG_FILE}: fine_tune_type {config.get('fine_tune_type')!r} is not "
-                           "supported (only lora)")
+                           "supported (only lora and dora)")
     if not isinstance(config.get("lora_parameters"), dict) or "rank" not in config["lora_parameters"]:
         raise AdapterError(f"{folder / CONFIG_FILE}: lora_parameters with rank and scale missing")
     return config
@@ -138,7 +139,8 @@ def mlx_settings(folder: Path, config: dict[str, Any]) -> AdapterSettings:
         kind="ours" if ours else "mlx-lm", folder=folder, weights=folder / ADAPTER_FILE, rank=rank, alpha=alpha,
         dropout=dropout, modules=modules, layers=layers,
         base_model=str(ours.get("base_model") or config.get("model") or ""), num_blocks=num_blocks,
-        step=config.get("step"), val_loss=config.get("val_loss"), config=config)
+        step=config.get("step"), val_loss=config.get("val_loss"), config=config,
+        method=str(config.get("fine_tune_type", "lora")))
 
 
 def mlx_lm_targets(config: dict[str, Any]) -> tuple[list[str], str]:
