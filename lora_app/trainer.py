@@ -307,6 +307,10 @@ def run(run_dir: Path, cfg: RunConfig, resume: bool = False) -> Outcome:
 
     rank, size = world()
     reporter, control = runs.RunFolderReporter(run_dir, rank), Control(run_dir, rank, size)
+    if cfg.train.report_to == "tensorboard" and rank == 0:
+        from .tensorboard_writer import TensorBoardReporter
+
+        reporter = TensorBoardReporter(reporter, run_dir)
     control.listen()
     reporter.event("status", status="starting", total_steps=cfg.train.iters)
     step, user_error = 0, False
@@ -331,6 +335,8 @@ def run(run_dir: Path, cfg: RunConfig, resume: bool = False) -> Outcome:
         reporter.event("stopped", reason=message, step=step)
     reporter.event("status", status=status, message=message, step=step)
     reporter.log(f"{status}: {message}")
+    if hasattr(reporter, "close"):
+        reporter.close()
     return Outcome(status, message, user_error)
 
 
