@@ -224,6 +224,9 @@ class RunConfig:
         for name, choices in CHOICES.items():
             if flat[name] not in choices:
                 problems.append(f"{name} must be {or_list(choices)} (got {flat[name]!r})")
+        if lo.method == "full" and tr.objective == "dpo":
+            problems.append("objective dpo compares with the base model, which method full does not keep (it "
+                            "trains the weights themselves): choose lora or dora, or objective orpo")
         if len(tr.probe_prompts) > 5:
             problems.append(f"probe_prompts: at most 5 prompts (got {len(tr.probe_prompts)})")
         if problems:

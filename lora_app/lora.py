@@ -104,6 +104,9 @@ def apply_lora(model: Any, cfg: LoraConfig, seed: int | None = None) -> LoraTarg
     if seed is not None:
         mx.random.seed(seed)
     model.freeze()
+    if cfg.method == "full":
+        unfreeze_targets(model, targets)
+        return targets
     scale = cfg.alpha / cfg.rank
     blocks = blocks_of(model)
     for b in targets.blocks:
@@ -125,6 +128,20 @@ def apply_lora(model: Any, cfg: LoraConfig, seed: int | None = None) -> LoraTarg
     return targets
 
 
+def unfreeze_targets(model: Any, targets: LoraTargets) -> None:
+    """Full fine-tuning: the chosen blocks' chosen modules train every weight (and bias); the rest stays frozen."""
+    import mlx.nn as nn
+
+    blocks = blocks_of(model)
+    for b in targets.blocks:
+        for name, module in linear_modules(blocks[b]).items():
+            if name in targets.modules:
+                if isinstance(module, nn.QuantizedLinear):
+                    raise LoraError("method full trains the weights themselves, which a quantized model cannot: "
+                                    "de-quantize the model (dequantize) or choose lora or dora")
+                module.unfreeze()
+
+
 def adapter_tensors(model: Any) -> dict[str, Any]:
     """The trainable LoRA tensors by full name, in sorted order."""
     from mlx.utils import tree_flatten
@@ -136,9 +153,16 @@ def trainable_parameter_count(model: Any) -> int:
     return sum(v.size for v in adapter_tensors(model).values())
 
 
-def count_for(info_shapes: dict[str, list[int]], modules: list[str], num_blocks: int, rank: int) -> int:
-    """Trainable parameters for a selection, computed from shapes alone (the UI's live estimate)."""
-    per_block = sum(rank * (shape[0] + shape[1]) for name, shape in info_shapes.items() if name in modules)
+def count_for(info_shapes: dict[str, list[int]], modules: list[str], num_blocks: int, rank: int,
+              method: str = "lora") -> int:
+    """Trainable parameters for a selection, computed from shapes alone (the UI's live estimate): LoRA's A and B;
+    DoRA's also a magnitude per output; full fine-tuning every weight of the modules."""
+    def per_module(shape: list[int]) -> int:
+        if method == "full":
+            return shape[0] * shape[1]
+        return rank * (shape[0] + shape[1]) + (shape[0] if method == "dora" else 0)
+
+    per_block = sum(per_module(shape) for name, shape in info_shapes.items() if name in modules)
     return per_block * num_blocks
 
 

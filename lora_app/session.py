@@ -85,10 +85,6 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     data = for_objective(load_data(cfg.data, tokenizer, batch_size=t.batch_size), t.objective)
     for note in data.notes:
         reporter.event("info", message=note)
-    if cfg.lora.method == "full":
-        from .config import ConfigError
-
-        raise ConfigError("method full is not available yet")
     targets = apply_lora(model, cfg.lora, seed=t.seed)
     plan, val = plans(cfg, data, rank, size)
     total_steps = max(1, math.ceil(t.epochs * plan.steps_per_epoch())) if t.epochs > 0 else t.iters

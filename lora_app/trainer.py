@@ -296,6 +296,12 @@ def save(s: Session, reporter: Reporter, step: int) -> None:
         "evals_since_best": p.evals_since_best, "total_steps": s.total_steps,
     }, s.cfg.train.keep_checkpoints)
     reporter.event("checkpoint", step=step, path=str(path.relative_to(s.run_dir)))
+    if s.cfg.lora.method == "full":
+        from .full_model import save_model_folder
+
+        folder = save_model_folder(s.model, s.tokenizer, s.cfg.model.model, s.run_dir)
+        reporter.event("info", message=f"the whole model at step {step} is in {folder.name}/ (mlx_lm.load reads it)",
+                       step=step)
 
 
 # ---- one process of the CLI --------------------------------------------------------------------------------------

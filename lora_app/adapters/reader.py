@@ -110,9 +110,9 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     if not (folder / ADAPTER_FILE).is_file():
         raise AdapterError(f"{folder}: no {ADAPTER_FILE}")
     config = read_json(folder / CONFIG_FILE)
-    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora", "full"):
         raise AdapterError(f"{folder / CONFIG_FILE}: fine_tune_type {config.get('fine_tune_type')!r} is not "
-                           "supported (only lora and dora)")
+                           "supported (only lora, dora and full)")
     if not isinstance(config.get("lora_parameters"), dict) or "rank" not in config["lora_parameters"]:
         raise AdapterError(f"{folder / CONFIG_FILE}: lora_parameters with rank and scale missing")
     return config
