@@ -1,14 +1,36 @@
-"""A memory estimate for a training run, and what the machine can give, so a run that cannot fit is warned about.
+"""A memory estimate for a training run, what the machine can give, and the one change that makes a run fit.
 
-The activation model is the per-block count of Korthikanti et al. ("Reducing Activation Recomputation in Large
-Transformer Models"): a block keeps about s·b·h·(34 + 5·a·s/h) bytes of 16-bit activations for the backward
-pass. With gradient checkpointing only each block's input is kept, and one block at a time is recomputed.
-Imports neither gradio nor (at module level) mlx, so the UI can show the estimate before loading a model.
+The estimate is what a LoRA step holds at its peak (the start of the backward pass) as MLX runs it:
+- weights: the frozen base as the trainer holds it on the backend (models.load_model): a quantized model stays
+  packed on a GPU and is dequantized to float32 on the CPU; any other model keeps its dtype.
+- LoRA + optimizer: float32 A and B, their gradients and Adam's two moments: 16 bytes a trainable parameter.
+- activations, per token of the widest batch: batch × its width, the bucket (batching.py) of the data's longest row
+  capped at max_seq_length. No batch, packed or padded, is wider; a dataset of short rows is far narrower than
+  max_seq_length, and where attention scores are kept a block's activations grow with the square of the width.
+  * each block the gradient passes through (the first adapted block and those after it; the blocks before it run
+    forward only) keeps what its backward reads: its input, queries, keys and values, the second norm's input, the
+    MLP's gate and up projections and two products of them (3h + 2kv + 4I values a token), plus the input of each
+    adapted group (q/k/v share the normed input; o; gate/up share theirs; down);
+  * attention: MLX's CPU backend, and Metal in training, run attention unfused under autodiff: each block keeps its
+    softmax (heads × width values a token) and the backward holds two more score-sized arrays. MLX's CUDA backend
+    runs cuDNN's fused attention forward and backward (float16/bfloat16, widths that are multiples of 128, heads of
+    at most 128 values) and keeps only its output and a float32 log-sum-exp;
+  * the backward's working set (one block's gradients, the LoRA products): a multiple of h and of I a token;
+  * the loss (head_loss.py): logits and their gradient. On a GPU one chunk's at a time; on the CPU the peak holds
+    about two logits-sized arrays of the whole batch, as if every chunk's existed at once;
+  * with gradient checkpointing (mlx-lm's grad_checkpoint) each block keeps only its input and one block at a time
+    is recomputed with all of the above (on the CPU, only part of it while the whole batch's logits exist).
+The counts follow what MLX's autodiff keeps; the two working-set coefficients and the loss's are fitted to bare steps
+on the CPU (`bench/memory_estimate.py --sweep`); bench/README.md's table checks the estimate against runs of other
+shapes through the trainer, on the CPU and on a GPU.
+Imports neither gradio nor (at module level) mlx, so the UI and the model catalog size a run without MLX.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +39,22 @@ from .head_loss import CHUNK_BYTES
 GB = 1e9
 HEAD_DIM = 64  # when the head count is unknown, assume the common head size
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-MEMORY_ADVICE = "Try a smaller batch size, a shorter max sequence length, or gradient checkpointing."
+DEFAULT_MODULES = ("self_attn.q_proj", "self_attn.v_proj")  # LoraConfig's default targets
+TIGHT = 0.8  # verdict(): above this share of the available memory a run is "tight"
+MEMORY_ADVICE = "Try gradient checkpointing, a smaller batch size, a shorter max sequence length or fewer blocks."
+
+
+# The backward's working set in values a token, per hidden size and per MLP width: fitted to bare steps on the CPU
+# (bench/memory_estimate.py --sweep) and checked on a GPU by the same script's table.
+WORK_PER_HIDDEN = 19.0
+WORK_PER_INTERMEDIATE = 2.6
+# The loss's logits and their gradient: on the CPU every chunk's exist at once (a little under 2 logits-sized
+# arrays of the whole batch); on a GPU head_loss.py's ordering keeps one chunk's.
+HEAD_ARRAYS_CPU = 1.9
+HEAD_ARRAYS_GPU = 2.0
+# With gradient checkpointing on the CPU the peak is while the loss's logits are given back and the last block is
+# recomputed: the logits and this share of one block's activations (fitted as above; on a GPU they add up).
+CPU_CKPT_OVERLAP = 0.43
 
 
 def human(n: float) -> str:
@@ -44,34 +81,206 @@ def weight_bytes(info: Any, dtype_bytes: int) -> int:
     return params * dtype_bytes
 
 
-def block_activation_bytes(hidden: int, heads: int, batch: int, seq: int, dtype_bytes: int) -> int:
-    """Activations one block keeps for the backward pass (the paper's count, scaled from 16-bit)."""
-    return int(seq * batch * hidden * (34 + 5 * heads * seq / hidden) * dtype_bytes / 2)
+def default_backend() -> str:
+    """Where MLX trains on this machine, without importing MLX: 'metal' on Apple Silicon, 'cuda' where MLX's CUDA
+    build is installed, else 'cpu'."""
+    if sys.platform == "darwin" and os.uname().machine == "arm64":
+        return "metal"
+    from importlib import metadata
+
+    names = ("mlx-cuda", "mlx-cuda-12", "mlx-cuda-13", "mlx_cuda_12", "mlx_cuda_13")
+    for name in names:
+        try:
+            metadata.distribution(name)
+            return "cuda"
+        except metadata.PackageNotFoundError:
+            continue
+    return "cpu"
+
+
+def backend_name(backend: str | None) -> str:
+    """'cpu' | 'cuda' | 'metal'; 'gpu' (the Model step's word) means this machine's GPU backend."""
+    if backend in (None, "", "auto"):
+        return default_backend()
+    if backend == "gpu":
+        return "metal" if sys.platform == "darwin" else "cuda"
+    if backend not in ("cpu", "cuda", "metal"):
+        raise ValueError(f"backend must be cpu, cuda, metal or gpu, got {backend!r}")
+    return backend
+
+
+def training_dtypes(info: Any, backend: str, dequantize: bool | None = None) -> tuple[int, int, bool]:
+    """(bytes a weight element, bytes an activation, whether the base stays quantized) as models.load_model
+    leaves the model: a quantized base is dequantized by default on the CPU (to float32) and kept on a GPU."""
+    base = dtype_bytes_of(info)
+    if _get(info, "quantization", None):
+        dequantize = backend == "cpu" if dequantize is None else dequantize
+        if not dequantize:
+            return base, base, True
+        return (4, 4, False) if backend == "cpu" else (base, base, False)
+    return base, base, False
+
+
+def batch_width(max_seq_length: int, longest_row: int | None = None) -> int:
+    """The widest batch the data gives (batching.BatchPlan.row_length): the bucket of the longest row's inputs
+    (its tokens less the last, which is only a target), capped at max_seq_length. Unknown data: max_seq_length."""
+    from .batching import bucket_for, bucket_lengths
+
+    max_seq_length = max(int(max_seq_length), 1)
+    if not longest_row:
+        return max_seq_length
+    inputs = max(min(int(longest_row), max_seq_length + 1) - 1, 1)
+    return bucket_for(inputs, bucket_lengths(max_seq_length))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of one block that the activations depend on."""
+
+    hidden: int
+    heads: int
+    kv: int  # width of the keys (= of the values): kv heads × head size
+    head_dim: int
+    intermediate: int
+    vocab: int
+    blocks: int
+    shapes: dict  # in-block module path -> [out, in]
+
+
+def model_shape(info: Any) -> Shape:
+    """The block's sizes from the info's keys, its module_shapes, else the usual llama-family ratios."""
+    hidden, blocks = int(_get(info, "hidden_size")), int(_get(info, "num_blocks"))
+    shapes = dict(_get(info, "module_shapes", {}) or {})
+
+    def out_of(*names: str) -> int:
+        return next((int(shapes[k][0]) for k in shapes if k.rsplit(".", 1)[-1] in names), 0)
+
+    head_dim = int(_get(info, "head_dim")) or HEAD_DIM
+    heads = int(_get(info, "num_heads")) or max(1, (out_of("q_proj") or hidden) // head_dim)
+    kv_heads = int(_get(info, "num_kv_heads"))
+    q_width = out_of("q_proj") or heads * (int(_get(info, "head_dim")) or hidden // heads)
+    kv = out_of("k_proj") or (kv_heads * q_width // heads if kv_heads else 0)
+    if not kv and "qkv_proj" in {k.rsplit(".", 1)[-1] for k in shapes}:
+        kv = (out_of("qkv_proj") - q_width) // 2
+    intermediate = (int(_get(info, "intermediate_size")) or out_of("gate_proj", "up_proj")
+                    or out_of("gate_up_proj") // 2 or 3 * hidden)
+    return Shape(hidden, heads, kv or hidden, q_width // heads, intermediate, int(_get(info, "vocab_size")), blocks,
+                 shapes)
+
+
+def lora_kept(shape: Shape, modules: list[str] | tuple[str, ...]) -> int:
+    """Values a token each block keeps for the adapters' gradients beyond what its backward reads anyway: the
+    input of each adapted group (q/k/v share the normed input; o; gate/up share theirs; down)."""
+    names = {m.rsplit(".", 1)[-1] for m in modules}
+    h = shape.hidden
+    return (h * bool(names & {"q_proj", "k_proj", "v_proj", "qkv_proj"}) + h * ("o_proj" in names)
+            + h * bool(names & {"gate_proj", "up_proj", "gate_up_proj"}) + shape.intermediate * ("down_proj" in names))
 
 
 def estimate_training_memory(info: Any, trainable_params: int, batch_size: int, max_seq_length: int,
-                             grad_checkpoint: bool = False, dtype_bytes: int | None = None) -> dict[str, int]:
-    """Bytes a run needs: frozen weights, LoRA weights + gradients + Adam moments (float32), activations
-    with and without gradient checkpointing (including one chunk of the loss's logits), and the total."""
-    dtype_bytes = dtype_bytes or dtype_bytes_of(info)
-    hidden, blocks = int(_get(info, "hidden_size")), int(_get(info, "num_blocks"))
-    heads = int(_get(info, "num_heads")) or max(1, hidden // HEAD_DIM)
-    tokens = batch_size * max_seq_length
-    # The loss goes through the LM head in chunks (head_loss.py): the logits and their gradient for one chunk at a
-    # time, plus the [tokens, hidden] gradient it keeps for the backward pass.
-    logits = 2 * min(tokens * int(_get(info, "vocab_size")) * dtype_bytes, CHUNK_BYTES) + tokens * hidden * dtype_bytes
-    per_block = block_activation_bytes(hidden, heads, batch_size, max_seq_length, dtype_bytes)
-    full = blocks * per_block + logits
-    checkpointed = blocks * tokens * hidden * dtype_bytes + per_block + logits
+                             grad_checkpoint: bool = False, dtype_bytes: int | None = None, *,
+                             longest_row: int | None = None, backend: str | None = None,
+                             modules: list[str] | tuple[str, ...] | None = None, blocks_trained: int | None = None,
+                             dequantize: bool | None = None) -> dict[str, int]:
+    """Bytes a run needs at its peak: frozen weights, LoRA weights + gradients + Adam moments (float32),
+    activations with and without gradient checkpointing, and the total (see the module's docstring).
+
+    `info` (a dict, a models.ModelInfo or anything with these names): total_params, num_blocks, hidden_size,
+    vocab_size, dtype ('bfloat16', 'float16', 'float32'), quantization ({'bits', 'group_size'} or None); optional:
+    num_heads (else q_proj's width / 64), num_kv_heads, head_dim, intermediate_size, module_shapes (in-block path ->
+    [out, in], as models.inspect_model gives them; the keys' and the MLP's widths are read from it).
+    `longest_row`: tokens in the data's longest row (the Data step's tokens_max); None: rows of max_seq_length, an
+    upper bound. `backend`: 'cpu', 'cuda', 'metal' or 'gpu' (this machine's GPU); None: this machine's.
+    `modules`: the adapted modules (default q_proj and v_proj); `blocks_trained`: blocks from the first adapted one
+    to the last (default all). `dequantize`: as the run's setting (None: on the CPU only).
+    The result's `width` is the batch width the activations were counted for."""
+    backend = backend_name(backend)
+    shape = model_shape(info)
+    w_bytes, act, quantized = training_dtypes(info, backend, dequantize)
+    if dtype_bytes:
+        w_bytes = act = dtype_bytes
+    width = batch_width(max_seq_length, longest_row)
+    tokens = max(int(batch_size), 1) * width
+    blocks = shape.blocks if blocks_trained is None else max(0, min(int(blocks_trained), shape.blocks))
+    h, inter = shape.hidden, shape.intermediate
+    kept_lora = lora_kept(shape, DEFAULT_MODULES if modules is None else modules)
+
+    # Attention: the softmax kept per block and two score-sized arrays in the backward (unfused), or cuDNN's output
+    # and float32 log-sum-exp (fused).
+    fused = backend == "cuda" and act == 2 and width % 128 == 0 and shape.head_dim % 8 == 0 and shape.head_dim <= 128
+    scores = 0 if fused else shape.heads * width * act
+    attention = (h * act + 4 * shape.heads) if fused else scores
+    per_block = (3 * h + 2 * shape.kv + 4 * inter + kept_lora) * act + attention
+    work = (WORK_PER_HIDDEN * h + WORK_PER_INTERMEDIATE * inter) * act + 2 * scores
+    if backend == "cpu":  # float32 logits (head_loss.logits_dtype), every chunk at once
+        head = HEAD_ARRAYS_CPU * tokens * shape.vocab * 4
+    else:
+        head = HEAD_ARRAYS_GPU * min(tokens * shape.vocab * act, CHUNK_BYTES)
+    full = tokens * (blocks * per_block + work) + head if blocks else head
+    recomputed = tokens * (per_block + work)  # one block, during the backward
+    if backend == "cpu":  # the whole batch's logits are freed while the last block is recomputed: they overlap
+        recomputed = max(head + CPU_CKPT_OVERLAP * recomputed, recomputed) - head
+    checkpointed = tokens * blocks * h * act + recomputed + head if blocks else head
+    lora = 4 * 4 * int(trainable_params)  # weights, gradients, Adam m and v
+    weights = weight_bytes(info, w_bytes) if quantized else int(_get(info, "total_params")) * w_bytes
     result = {
-        "weights": weight_bytes(info, dtype_bytes),
-        "lora_optimizer": 4 * 4 * int(trainable_params),  # weights, gradients, Adam m and v
-        "activations_full": full,
-        "activations_checkpointed": checkpointed,
-        "activations": checkpointed if grad_checkpoint else full,
+        "weights": int(weights),
+        "lora_optimizer": lora,
+        "activations_full": int(full),
+        "activations_checkpointed": int(min(checkpointed, full)),
+        "width": width,
     }
-    result["total"] = result["weights"] + result["lora_optimizer"] + result["activations"]
+    result["activations"] = result["activations_checkpointed" if grad_checkpoint else "activations_full"]
+    result["total"] = result["weights"] + lora + result["activations"]
     return result
+
+
+def verdict(total_bytes: float, available_bytes: float) -> str:
+    """'fits', 'tight' (above TIGHT of what is available: other programs and MLX's cache may tip it over) or
+    'does not fit'."""
+    if total_bytes > available_bytes:
+        return "does not fit"
+    return "tight" if total_bytes > TIGHT * available_bytes else "fits"
+
+
+def fitting_change(info: Any, trainable_params: int, batch_size: int, max_seq_length: int, grad_checkpoint: bool,
+                   available: float, **kw: Any) -> tuple[str, dict[str, int]] | None:
+    """The one change that brings the estimate within `available`, tried in this order: gradient checkpointing,
+    the largest smaller batch, the longest shorter max sequence length (a bucket), the most blocks (the last N)
+    that fit; (what to do, its estimate), or None when no single change is enough. `kw`: estimate_training_memory's
+    keyword arguments."""
+    def est(**changes: Any) -> dict[str, int]:
+        args = {"trainable_params": trainable_params, "batch_size": batch_size, "max_seq_length": max_seq_length,
+                "grad_checkpoint": grad_checkpoint, **kw, **changes}
+        return estimate_training_memory(info, **args)
+
+    def largest(low: int, high: int, fits: Any) -> int | None:
+        """The largest n in [low, high] with fits(n), for fits that hold up to some n and not above."""
+        if high < low or not fits(low):
+            return None
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
+
+    if not grad_checkpoint and (e := est(grad_checkpoint=True))["total"] <= available:
+        return "gradient checkpointing", e
+    batch = largest(1, int(batch_size) - 1, lambda b: est(batch_size=b)["total"] <= available)
+    if batch:
+        return f"batch size {batch}", est(batch_size=batch)
+    from .batching import bucket_lengths
+
+    width = batch_width(max_seq_length, kw.get("longest_row"))
+    for length in sorted((b for b in bucket_lengths(width) if b < width), reverse=True):
+        if (e := est(max_seq_length=length))["total"] <= available:
+            return f"max sequence length {length}", e
+    blocks = int(kw.get("blocks_trained") or model_shape(info).blocks)
+
+    def on_last(n: int) -> dict[str, int]:  # LoRA's parameters scale with the blocks
+        return est(blocks_trained=n, trainable_params=int(trainable_params) * n // max(blocks, 1))
+
+    n = largest(1, blocks - 1, lambda n: on_last(n)["total"] <= available)
+    return (f"LoRA on the last {n} blocks only (layers last:{n})", on_last(n)) if n else None
 
 
 def available_memory() -> tuple[int, str]:
@@ -105,32 +314,67 @@ def meminfo_available(path: Path = Path("/proc/meminfo")) -> int:
     return 0
 
 
-def memory_warning(estimate: dict[str, int], available: int, source: str = "", limit: int = 0) -> str | None:
-    """A plain warning when the estimate exceeds what the machine (or the memory limit) gives, else None."""
+def parts_text(estimate: dict[str, int]) -> str:
+    """'about X (weights W, activations A)': LoRA and the optimizer count with the weights."""
+    return (f"about {human(estimate['total'])} (weights {human(estimate['weights'] + estimate['lora_optimizer'])}, "
+            f"activations {human(estimate['activations'])})")
+
+
+def memory_warning(estimate: dict[str, int], available: int, source: str = "", limit: int = 0,
+                   change: tuple[str, dict[str, int]] | None = None) -> str | None:
+    """A plain warning when the estimate exceeds what the machine (or the memory limit) gives, else None;
+    `change`: fitting_change()'s answer for that budget."""
     budget, where = available, source or "available memory"
     if limit and (not budget or limit < budget):
         budget, where = limit, "the memory limit (memory_limit_gb)"
     if not budget or estimate["total"] <= budget:
         return None
-    parts = (f"weights {human(estimate['weights'])}, LoRA + optimizer {human(estimate['lora_optimizer'])}, "
-             f"activations {human(estimate['activations'])}")
-    advice = MEMORY_ADVICE
-    if estimate["activations"] > estimate["activations_checkpointed"]:
-        saved = estimate["total"] - estimate["activations"] + estimate["activations_checkpointed"]
-        advice += f" With gradient checkpointing it would need about {human(saved)}."
-    return (f"this run may need about {human(estimate['total'])} ({parts}), more than the "
-            f"{human(budget)} from {where}. {advice}")
+    advice = (f"With {change[0]} it would need {parts_text(change[1])}." if change else
+              f"No single change fits it: {MEMORY_ADVICE}")
+    return f"this run may need {parts_text(estimate)}, more than the {human(budget)} from {where}. {advice}"
 
 
-def check_model(model: Any, trainable_params: int, batch_size: int, max_seq_length: int,
-                grad_checkpoint: bool, limit: int = 0) -> tuple[str, str | None, dict[str, int]]:
-    """For the trainer: (an info line, a warning or None, the estimate) for a loaded model."""
+def lora_targets(model: Any) -> tuple[list[str], int]:
+    """(adapted in-block module paths, blocks from the first adapted one to the last) of a model with LoRA."""
+    from .models import blocks_of
+
+    blocks = blocks_of(model)
+    adapted: list[int] = []
+    names: set[str] = set()
+    for i, block in enumerate(blocks):
+        found = [name for name, m in block.named_modules() if hasattr(m, "lora_a")]
+        if found:
+            adapted.append(i)
+            names.update(found)
+    return sorted(names), (len(blocks) - adapted[0]) if adapted else 0
+
+
+def model_estimate_inputs(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(info, keyword arguments) for estimate_training_memory from a loaded model with its adapters: its sizes,
+    the backend it trains on, the adapted modules and how many blocks the gradient passes through."""
+    import mlx.core as mx
+
     from .models import inspect_model
 
-    info = inspect_model(model)
     args = getattr(model, "args", None)
-    info_dict = {**info.to_dict(), "num_heads": int(getattr(args, "num_attention_heads", 0) or 0)}
-    estimate = estimate_training_memory(info_dict, trainable_params, batch_size, max_seq_length, grad_checkpoint)
+    info = {**inspect_model(model).to_dict(), "num_heads": int(getattr(args, "num_attention_heads", 0) or 0),
+            "num_kv_heads": int(getattr(args, "num_key_value_heads", 0) or 0)}
+    modules, blocks_trained = lora_targets(model)
+    backend = "cpu" if mx.default_device() == mx.cpu else ("metal" if mx.metal.is_available() else "cuda")
+    # dequantize=False: the model is loaded, its dtypes are the ones it trains in
+    return info, {"backend": backend, "modules": modules, "blocks_trained": blocks_trained, "dequantize": False}
+
+
+def check_model(model: Any, trainable_params: int, batch_size: int, width: int, grad_checkpoint: bool,
+                limit: int = 0) -> tuple[str, str | None, dict[str, int]]:
+    """For the trainer: (an info line, a warning or None, the estimate) for a loaded model with its adapters,
+    at the widest batch its data gives (`width`: BatchPlan.row_length(), at most max_seq_length)."""
+    info, kw = model_estimate_inputs(model)
+    estimate = estimate_training_memory(info, trainable_params, batch_size, width, grad_checkpoint, **kw)
     available, source = available_memory()
-    line = f"memory estimate: about {human(estimate['total'])}; {human(available)} available ({source})"
-    return line, memory_warning(estimate, available, source, limit), estimate
+    budget = min(b for b in (available, limit) if b) if (available or limit) else 0
+    change = (fitting_change(info, trainable_params, batch_size, width, grad_checkpoint, budget, **kw)
+              if budget and estimate["total"] > budget else None)
+    line = (f"memory estimate: {parts_text(estimate)} at batch {batch_size} × {width} tokens; "
+            f"{human(available)} available ({source})")
+    return line, memory_warning(estimate, available, source, limit, change), estimate

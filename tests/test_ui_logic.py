@@ -222,7 +222,8 @@ def test_adapter_summary_counts_real_shapes():
     assert "outside the model" in estimates.adapter_summary(info, "0,7", ["self_attn.q_proj"], 8)
 
 
-def test_adapter_summary_estimates_training_memory():
+def test_adapter_summary_estimates_training_memory(monkeypatch):
+    monkeypatch.setattr(estimates.engine, "memory_available_gb", lambda: 23.6)
     info = {"num_blocks": 30, "total_params": 134_515_008, "hidden_size": 576, "vocab_size": 49152,
             "dtype": "float16", "quantization": {"bits": 4, "group_size": 32},
             "linear_modules": ["self_attn.q_proj"], "module_shapes": {"self_attn.q_proj": [576, 576]}}
@@ -230,17 +231,21 @@ def test_adapter_summary_estimates_training_memory():
     full = memory.estimate_training_memory(info, trainable, 4, 512)
     ckpt = memory.estimate_training_memory(info, trainable, 4, 512, grad_checkpoint=True)
     text = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, False)
-    assert f"{trainable:,}" in text and "batch 4 × 512 tokens" in text
-    assert f"about {estimates.human_bytes(full['total'])}" in text
-    assert f"with gradient checkpointing about {estimates.human_bytes(ckpt['total'])}" in text
+    assert f"{trainable:,}" in text and "batch 4 × 512 tokens" in text and "upper bound" in text
+    assert f"about {estimates.human_bytes(full['total'])} (weights" in text
     longer = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 2048, False)
     assert estimates.human_bytes(memory.estimate_training_memory(info, trainable, 4, 2048)["total"]) in longer
     with_ckpt = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, True)
-    assert f"about {estimates.human_bytes(ckpt['total'])}" in with_ckpt and "with gradient" not in with_ckpt
+    assert f"about {estimates.human_bytes(ckpt['total'])}" in with_ckpt
     assert "set batch size" in estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 0, 512, False)
     assert "⚠️" not in text
+    short_rows = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 2048, False, 100)
+    assert "batch 4 × 128 tokens" in short_rows and "longest row has 100 tokens" in short_rows
     huge = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 512, 32768, False)
-    assert "\n\n⚠️ **Training memory**" in huge and "more than the" in huge and "gradient checkpointing" in huge
+    assert "\n\n⚠️ **Training memory**" in huge and "more than the 23.6 GB" in huge
+    assert "no single change fits it" in huge  # 512 rows are too many even at the shortest length
+    big = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 8, 2048, False)
+    assert "⚠️" in big and "with gradient checkpointing it would be about" in big
 
 
 def test_app_refuses_to_expose_without_auth():

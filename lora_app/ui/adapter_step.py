@@ -67,7 +67,7 @@ def build() -> SimpleNamespace:
 
 def wire(ui: SimpleNamespace, info: gr.State, train_inputs: list) -> None:
     """Events that need the inspected model's info; train_inputs (batch size, max sequence length, gradient
-    checkpointing, from the Train step) feed the memory estimate."""
+    checkpointing from the Train step, and the Data step's longest row) feed the memory estimate."""
     for slider in (ui.first, ui.last):
         slider.release(layers_text, [ui.first, ui.last, info], ui.layers, api_name=f"layers_{slider.elem_id[6:]}")
     ui.layers.input(sliders_from_layers, [ui.layers, info], [ui.first, ui.last], api_name="layers_typed",

@@ -51,10 +51,10 @@ def wire(ctx, m, a, d, t, p, s, r, c, info, form: dict) -> None:
           api_name="inspect").then(model_step.backend_markdown, None, m.backend_md, api_name="backend")
     info.change(adapter_step.on_info, [info, a.layers, a.modules], [a.first, a.last, a.modules],
                 api_name="adapter_choices")
-    adapter_step.wire(a, info, [t.batch_size, t.max_seq_length, t.grad_checkpoint])
-    d.preview.click(data_step.preview_data, [m.model, d.data, d.data_format, d.valid_fraction, d.mask_prompt,
-                                             d.skip_bad_rows, t.max_seq_length, t.batch_size, t.probe_prompts],
-                    [d.rows, d.stats, t.probe_prompts], api_name="preview_data")
+    adapter_step.wire(a, info, [t.batch_size, t.max_seq_length, t.grad_checkpoint, d.longest])
+    d.preview.click(data_step.preview_with_longest, [m.model, d.data, d.data_format, d.valid_fraction, d.mask_prompt,
+                                                     d.skip_bad_rows, t.max_seq_length, t.batch_size, t.probe_prompts],
+                    [d.rows, d.stats, t.probe_prompts, d.longest], api_name="preview_data")
     train_step.wire(ctx, t, form, info)
     m.model.change(lambda x: x, m.model, p.model, api_name="sync_test_model", show_progress="hidden")
     choices = lambda: gr.update(choices=adapter_choices(ctx.runs_dir))  # noqa: E731

@@ -11,9 +11,12 @@ from typing import Any
 
 import gradio as gr
 
-from ..config import BOUNDS, ConfigError
+from ..config import BOUNDS, DEMO, ConfigError
 from . import form
 
+# Tokens in the demo data's longest training row (the demo model's chat template; tests/test_memory.py checks it):
+# the memory estimate's batch width for the default data before any preview.
+DEMO_LONGEST_ROW = 62
 MAX_SEQ_LENGTH = int(BOUNDS["max_seq_length"].high)  # the numbers that arrive from the page, bounded as in training
 MAX_BATCH_SIZE = int(BOUNDS["batch_size"].high)
 
@@ -38,12 +41,20 @@ def preview_data(model: str, data: str, data_format: str, valid_fraction: float,
                  skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str) -> tuple:
     """Preview rows, statistics (over the first rows of a big dataset) and, when the Train step's sample-probe box
     is empty, prompts of the first validation rows for it; all from one `preview` subprocess."""
+    return preview_with_longest(model, data, data_format, valid_fraction, mask_prompt, skip_bad_rows, max_seq_length,
+                                batch_size, probes)[:3]
+
+
+def preview_with_longest(model: str, data: str, data_format: str, valid_fraction: float, mask_prompt: bool,
+                         skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str) -> tuple:
+    """preview_data's outputs and the tokens of the longest training row (None when the preview failed): the
+    Adapter step's memory estimate sizes the widest batch from it."""
     from ..data import PreviewRow, format_statistics
     from .engine import EngineError, preview
 
     if not (data or "").strip():
         gr.Warning("Data: empty; choose the demo data, a folder or a file.")
-        return "", "⚠️ Data: empty.", gr.skip()
+        return "", "⚠️ Data: empty.", gr.skip(), None
     try:
         report = preview((model or "demo").strip(), data.strip(), str(data_format),
                          page_number(valid_fraction, "valid_fraction", 0, 1), bool(mask_prompt), bool(skip_bad_rows),
@@ -51,11 +62,12 @@ def preview_data(model: str, data: str, data_format: str, valid_fraction: float,
                          page_int(batch_size, "batch_size", MAX_BATCH_SIZE))
     except (ConfigError, EngineError) as e:
         gr.Warning(f"Data {data}: {str(e).splitlines()[0]}")
-        return "", "⚠️ " + html.escape(str(e)).replace("\n", "<br>"), gr.skip()
+        return "", "⚠️ " + html.escape(str(e)).replace("\n", "<br>"), gr.skip(), None
     rows = [PreviewRow(**row) for row in report["rows"]]
     notes = "\n".join(f"- {n}" for n in report["notes"] if n)
     prompts = gr.skip() if (probes or "").strip() else "\n".join(report["prompts"])
-    return preview_html(rows), format_statistics(report["statistics"]) + ("\n\n" + notes if notes else ""), prompts
+    stats = format_statistics(report["statistics"]) + ("\n\n" + notes if notes else "")
+    return preview_html(rows), stats, prompts, int(report["statistics"].get("tokens_max") or 0) or None
 
 
 def page_number(value: Any, name: str, low: float, high: float) -> float:
@@ -75,6 +87,11 @@ def page_int(value: Any, name: str, high: int) -> int:
     if number != int(number):
         raise ConfigError(f"{name} must be a whole number (got {value})")
     return int(number)
+
+
+def known_longest_row(data: str) -> int | None:
+    """The longest row of data whose rows are known without reading them (the demo's), else None."""
+    return DEMO_LONGEST_ROW if (data or "").strip() == DEMO else None
 
 
 def pick_source(source: str, current: str) -> str:
@@ -97,7 +114,12 @@ def build() -> SimpleNamespace:
     preview = gr.Button("Preview and statistics", variant="primary")
     stats = gr.Markdown("", elem_id="data-stats")
     rows = gr.HTML("", elem_id="data-preview")
+    # Tokens of the longest training row (the demo data's are known; other data's once previewed): the memory
+    # estimate's batch width.
+    longest = gr.State(known_longest_row(data.value))
     source.input(pick_source, [source, data], data, api_name="pick_data_source")
+    gr.on([data.change, data_format.change], known_longest_row, data, longest, api_name="forget_longest_row",
+          show_progress="hidden")
     return SimpleNamespace(source=source, data=data, data_format=data_format, valid_fraction=valid_fraction,
                            split_seed=split_seed, mask_prompt=mask_prompt, skip_bad_rows=skip_bad_rows,
-                           preview=preview, stats=stats, rows=rows)
+                           preview=preview, stats=stats, rows=rows, longest=longest)

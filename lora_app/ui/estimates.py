@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import bound_problem
 from ..lora import LoraError, adapter_bytes, count_for, parse_layers
-from ..memory import MEMORY_ADVICE, estimate_training_memory
+from ..memory import MEMORY_ADVICE, default_backend, estimate_training_memory, fitting_change
 from . import engine
 
 
@@ -17,8 +17,9 @@ def human_bytes(n: float) -> str:
 
 
 def adapter_summary(info: dict, layers: str, modules: list[str], rank: int, batch_size: int = 4,
-                    max_seq_length: int = 2048, grad_checkpoint: bool = False) -> str:
-    """Markdown: trainable params (count, % of the model), adapter file size, training-memory estimate."""
+                    max_seq_length: int = 2048, grad_checkpoint: bool = False, longest_row: int | None = None) -> str:
+    """Markdown: trainable params (count, % of the model), adapter file size, training-memory estimate.
+    `longest_row`: tokens in the data's longest row, from the Data step's preview (None before one)."""
     if not info:
         return "Inspect the model (step 1) to see trainable parameters and sizes."
     try:
@@ -34,29 +35,38 @@ def adapter_summary(info: dict, layers: str, modules: list[str], rank: int, batc
     share = n / info["total_params"] if info.get("total_params") else 0
     text = (f"**Trainable parameters** {n:,} ({share:.3%} of {info['total_params']:,}) · "
             f"**adapter file** {human_bytes(adapter_bytes(n))} · {len(blocks)} block(s) × {len(modules)} module(s)")
-    memory = memory_text(info, n, batch_size, max_seq_length, grad_checkpoint)
+    trained = info["num_blocks"] - min(blocks) if blocks else 0  # the gradient stops at the first adapted block
+    memory = memory_text(info, n, batch_size, max_seq_length, grad_checkpoint, longest_row, modules, trained)
     return f"{text}\n\n{memory}" if memory else text
 
 
-def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int, grad_checkpoint: bool) -> str:
-    """The training-memory estimate for the Train step's batch size and max sequence length (rows are packed up
-    to that length, so it is an upper bound for shorter data)."""
+def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int, grad_checkpoint: bool,
+                longest_row: int | None = None, modules: list[str] | None = None,
+                blocks_trained: int | None = None) -> str:
+    """The training-memory estimate, 'about X (weights W, activations A)', for the Train step's batch size and the
+    widest batch the data gives (its longest row, capped at max sequence length; before the Data step's preview,
+    rows of max sequence length: an upper bound). Above the memory available now: the one change that fits."""
     if not info.get("hidden_size"):
         return ""
     if not batch_size or batch_size < 1 or not max_seq_length or max_seq_length < 1:
         return "Training memory: set batch size and max sequence length (step 4) for an estimate."
     if problem := bound_problem("batch_size", batch_size) or bound_problem("max_seq_length", max_seq_length):
         return f"Training memory: ⚠️ {problem}"
-    est = estimate_training_memory(info, trainable, int(batch_size), int(max_seq_length), bool(grad_checkpoint))
-    text = (f"**Training memory** up to about {human_bytes(est['total'])} at batch {int(batch_size)} × "
-            f"{int(max_seq_length)} tokens (weights {human_bytes(est['weights'])}, activations "
-            f"{human_bytes(est['activations'])})")
-    if not grad_checkpoint and est["activations_checkpointed"] < est["activations"]:
-        saved = est["total"] - est["activations"] + est["activations_checkpointed"]
-        text += f"; with gradient checkpointing about {human_bytes(saved)}"
+    longest = int(longest_row) if isinstance(longest_row, (int, float)) and 0 < longest_row < 1e12 else None
+    kw = {"longest_row": longest, "backend": default_backend(), "modules": modules, "blocks_trained": blocks_trained}
+    est = estimate_training_memory(info, trainable, int(batch_size), int(max_seq_length), bool(grad_checkpoint), **kw)
+    rows = (f"the data's longest row has {longest:,} tokens" if longest else
+            "rows of the max sequence length: an upper bound until the Data step's preview finds the longest row")
+    text = (f"**Training memory** about {human_bytes(est['total'])} (weights "
+            f"{human_bytes(est['weights'] + est['lora_optimizer'])}, activations {human_bytes(est['activations'])})"
+            f" at batch {int(batch_size)} × {est['width']:,} tokens ({rows})")
     free_gb = engine.memory_available_gb()
     available = free_gb * 1e9 if free_gb else 0
     if available and est["total"] > available:
-        text = f"⚠️ {text}. That is more than the {human_bytes(available)} of memory available now: {MEMORY_ADVICE}"
+        change = fitting_change(info, trainable, int(batch_size), int(max_seq_length), bool(grad_checkpoint),
+                                available, **kw)
+        advice = (f"with {change[0]} it would be about {human_bytes(change[1]['total'])} (activations "
+                  f"{human_bytes(change[1]['activations'])})" if change else
+                  f"no single change fits it. {MEMORY_ADVICE}")
+        text = f"⚠️ {text}. That is more than the {human_bytes(available)} of memory available now: {advice}"
     return text
-
