@@ -1,4 +1,5 @@
-"""The CLI: `python -m lora_app train|generate|eval|inspect|export|download|demo-model|demo-data|stop|pause|runs`.
+"""The CLI: `python -m lora_app train|generate|eval|inspect|export|push|setup-gguf|download|demo-model|demo-data|
+stop|pause|runs`.
 
 The same engine the app uses. Bad input gets one clear line on stderr and exit code 2, never a traceback.
 """
@@ -86,12 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="Describe a model as JSON (blocks, linear modules, quantization).")
     ins.add_argument("--model", required=True)
 
-    exp = sub.add_parser("export", help="Export an adapter as PEFT or as a fused model.")
+    exp = sub.add_parser(
+        "export", help="Export an adapter: a fused MLX model (LM Studio), a GGUF + Modelfile (Ollama), or PEFT.",
+        description="Write the adapter for other tools into a new folder, then check what was written (check.json): "
+                    "mlx = a fused model folder (LM Studio, mlx-lm); gguf = a GGUF from llama.cpp's converter plus an "
+                    "Ollama Modelfile (run `setup-gguf` once first); peft = a Hugging Face PEFT adapter.")
     exp.add_argument("--adapter", required=True)
-    exp.add_argument("--format", choices=["peft", "fused"], required=True)
+    exp.add_argument("--format", choices=["mlx", "gguf", "peft", "fused"], required=True,
+                     help="fused is the old name of mlx.")
     exp.add_argument("--out", required=True)
     exp.add_argument("--model", help="Base model (default: the one named in the adapter config).")
-    exp.add_argument("--dequantize", action="store_true", help="Fused: write float weights.")
+    exp.add_argument("--dequantize", action="store_true", help="mlx: write float weights.")
+    exp.add_argument("--quantize", type=int, choices=[4, 8],
+                     help="mlx: re-quantize the fused weights to 4 or 8 bits (mlx-lm's quantization); gguf: 8 = Q8_0.")
+    exp.add_argument("--to-lmstudio", action="store_true",
+                     help="mlx on macOS: also copy the folder into LM Studio's models folder (~/.lmstudio/models).")
+
+    push = sub.add_parser(
+        "push", help="Upload an adapter (or its PEFT / fused export) with a model card to the Hugging Face Hub.",
+        epilog="The token comes from the environment variable HF_TOKEN or a saved `hf auth login`, never from the "
+               "command line. HF_ENDPOINT names another hub.")
+    push.add_argument("--adapter", required=True, help="Adapter folder (a run's adapters/ or best/, or any).")
+    push.add_argument("--repo", required=True, help="Hub repo id, ORG/NAME (created if missing).")
+    push.add_argument("--private", action="store_true", help="Create the repo private.")
+    push.add_argument("--format", choices=["adapter", "peft", "fused"], default="adapter",
+                      help="adapter: the folder as it is (mlx-lm layout); peft: exported to PEFT first; fused: the "
+                           "fused MLX model, as `export --format mlx` writes it.")
+    push.add_argument("--model", help="Base model (default: the one named in the adapter config).")
+
+    sub.add_parser("setup-gguf", help="Fetch llama.cpp's converter (pinned, hash-checked) and PyTorch for GGUF export.")
 
     dl = sub.add_parser(
         "download", help="Download a model from the Hugging Face hub into its cache (only the files it needs).",
@@ -265,10 +289,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .adapters import export_adapter
+    from .adapters.report import export_and_report
 
-    out = export_adapter(Path(args.adapter), args.format, Path(args.out), args.model, args.dequantize)
-    print(f"wrote {out}")
+    return export_and_report(args)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .adapters.push import push_and_report
+
+    return push_and_report(args)
+
+
+def cmd_setup_gguf(args: argparse.Namespace) -> int:
+    from .adapters.gguf import setup
+
+    print(f"ready: {setup(log=lambda m: print(m, file=sys.stderr, flush=True))}")
     return 0
 
 
@@ -396,7 +431,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "inspect": cmd_inspect,
-            "export": cmd_export, "download": cmd_download, "demo-model": cmd_demo_model, "demo-data": cmd_demo_data,
+            "export": cmd_export, "push": cmd_push, "setup-gguf": cmd_setup_gguf, "download": cmd_download,
+            "demo-model": cmd_demo_model, "demo-data": cmd_demo_data,
             "preview": cmd_preview, "serve": cmd_serve, "stop": cmd_control, "pause": cmd_control, "runs": cmd_runs}
 
 
@@ -410,7 +446,7 @@ def reexec_with_openblas(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "generate", "eval", "export", "demo-model", "serve"):
+    if args.command in ("train", "generate", "eval", "export", "push", "demo-model", "serve"):
         reexec_with_openblas(argv)
     from .user_errors import USER_ERRORS
 

@@ -212,7 +212,7 @@ def test_export_refuses_non_empty_folder(tiny_model: Path, tmp_path: Path) -> No
             export_adapter(adapter, fmt, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mine")]  # no temporary folder left over
-    with pytest.raises(ExportError, match="fused only"):
+    with pytest.raises(ExportError, match="mlx and gguf only"):
         export_adapter(adapter, "peft", tmp_path / "new", dequantize=True)
 
 

@@ -4,13 +4,21 @@
     peft.py     PEFT's tensor names, orientation and config <-> mlx-lm's
     loader.py   write our folders; load any folder into a model (load_adapter, init_from_adapter)
     fuse.py     merge an adapter into its base model's weights
-    export.py   write a PEFT or fused folder for other tools, never overwriting
+    check.py    after a fuse: the written model's logits against base + adapter; check.json
+    gguf.py     llama.cpp's converter (fetched, pinned) and the GGUF read back against the fused weights
+    modelfile.py  an Ollama Modelfile with the model's chat template in Ollama's form
+    export.py   write an MLX (fused), GGUF or PEFT folder for other tools, checked, never overwriting
+    lmstudio.py   LM Studio's models folder, and a copy into it
+    report.py   what `export` prints: each check's line from check.json
+    card.py     a model card (README.md) and loss curve (PNG) from a run
+    push.py     upload an adapter or export to the Hugging Face Hub, then compare the listing with the files
 
 Each module imports only the ones above it in this list, and none imports this __init__, so the package has
 no import cycle (tests/test_imports.py). The names below are the package's public interface.
 """
 
-from .export import FORMATS, GGUF_FAMILIES, ExportError, check_free, export_adapter, export_peft, new_folder
+from .export import FORMATS, ExportError, check_free, export_adapter, export_peft, new_folder
+from .gguf import FAMILIES as GGUF_FAMILIES
 from .loader import adapter_config, check_weights, init_from_adapter, load_adapter, read_tensors, save_adapter
 from .reader import (
     ADAPTER_FILE,

@@ -1,10 +1,14 @@
-"""Export an adapter for other tools: Hugging Face PEFT (peft.py's mapping) or a fused model folder (fuse.py).
+"""Export an adapter for other tools, each export checked after it is written (check.py, check.json in the folder):
 
-Exports never overwrite: they are written into a temporary folder next to the target and renamed onto it at
-the end, so a crash leaves no half-written folder and an existing non-empty folder is refused.
+    mlx   a fused model folder (LM Studio, mlx-lm, any MLX tool), optionally re-quantized to 4 or 8 bits with
+          mlx-lm's own quantization; checked: its logits against base + adapter
+    gguf  a GGUF for Ollama / llama.cpp from llama.cpp's own converter (gguf.py), with a Modelfile (modelfile.py);
+          checked: the fuse as above, and the GGUF's tensors read back against the fused weights
+    peft  Hugging Face PEFT (peft.py's mapping); checked: the written tensors read back equal the adapter's
 
-GGUF: fuse with dequantize=True, then mlx-lm's GGUF writer, which only knows the families in GGUF_FAMILIES:
-`mlx_lm.fuse --model BASE --adapter-path ADAPTER --save-path OUT --dequantize --export-gguf`.
+`fused` is the old name of `mlx`. Exports never overwrite: they are written into a temporary folder next to the
+target and renamed onto it at the end, so a crash leaves no half-written folder and an existing non-empty folder
+is refused.
 """
 
 from __future__ import annotations
@@ -17,31 +21,41 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..fileio import atomic_write, atomic_write_json, fsync_dir
-from .fuse import fused_model
+from .check import compare_logits, read_check, write_check
+from .fuse import fused_model, model_config
+from .gguf import GGUFError, compare_tensors, convert, family_problem, setup_problem
 from .loader import read_tensors
-from .peft import peft_config_for, to_peft_tensors
+from .modelfile import write_modelfile
+from .peft import from_peft_tensors, peft_config_for, to_peft_tensors
 from .reader import CONFIG_FILE, PEFT_WEIGHTS, base_model_of, is_peft_folder, read_adapter
 
-FORMATS = ("peft", "fused")
-# The model_type values mlx_lm.fuse --export-gguf accepts (mlx_lm/fuse.py); its writer emits llama-layout
-# GGUF and refuses quantized weights, hence --dequantize.
-GGUF_FAMILIES = ("llama", "mistral", "mixtral")
+FORMATS = ("mlx", "gguf", "peft")
+ALIASES = {"fused": "mlx"}  # the name before GGUF and quantized exports existed
+QUANTIZE = (4, 8)
+GROUP_SIZE = 64  # mlx-lm's default for affine 4- and 8-bit, for a float base
 
 
 class ExportError(ValueError):
     """An export that cannot be written; the message names the folder and what to do instead."""
 
 
-def export_adapter(adapter_dir: Path, fmt: str, out: Path, model: str | None = None,
-                   dequantize: bool = False) -> Path:
-    """Write `adapter_dir` (ours, mlx-lm's, or PEFT for fused) to the new folder `out` as `fmt`; returns `out`."""
+def export_adapter(adapter_dir: Path, fmt: str, out: Path, model: str | None = None, dequantize: bool = False,
+                   quantize: int | None = None) -> Path:
+    """Write `adapter_dir` (ours, mlx-lm's, or PEFT for mlx/gguf) to the new folder `out` as `fmt`; returns `out`.
+    The folder's check.json holds the checks made after writing."""
+    fmt = ALIASES.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ExportError(f"--quantize {quantize}: choose 4 or 8 bits")
     if fmt == "peft":
-        if dequantize:
-            raise ExportError("--dequantize applies to --format fused only (a PEFT adapter has no base weights)")
+        if dequantize or quantize:
+            raise ExportError("--dequantize and --quantize apply to --format mlx and gguf only (a PEFT adapter has "
+                              "no base weights)")
         return export_peft(Path(adapter_dir), Path(out), base_model=model)
-    if fmt == "fused":
-        return fuse_adapter(Path(adapter_dir), Path(out), model=model, dequantize=dequantize)
-    raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        return export_gguf(Path(adapter_dir), Path(out), model=model, quantize=quantize)
+    return fuse_adapter(Path(adapter_dir), Path(out), model=model, dequantize=dequantize, quantize=quantize)
 
 
 def export_peft(adapter_dir: Path, out: Path, base_model: str | None = None) -> Path:
@@ -57,20 +71,83 @@ def export_peft(adapter_dir: Path, out: Path, base_model: str | None = None) -> 
     with new_folder(out) as tmp:
         atomic_write(tmp / PEFT_WEIGHTS, lambda p: mx.save_safetensors(str(p), tensors, metadata={"format": "pt"}))
         atomic_write_json(tmp / CONFIG_FILE, peft_config)
+        write_check(tmp, {"peft": peft_check(tmp, weights)})
     return Path(out)
 
 
-def fuse_adapter(adapter_dir: Path, out: Path, model: str | None = None, dequantize: bool = False) -> Path:
-    """Merge the adapter into the base weights and write the model folder `out` (config, tokenizer, weights)."""
-    from mlx_lm.utils import save
+def peft_check(folder: Path, weights: dict) -> dict:
+    """The written PEFT file read back and mapped to mlx-lm's names: every tensor equal to the adapter's."""
+    import mlx.core as mx
 
+    back = from_peft_tensors(read_tensors(folder / PEFT_WEIGHTS), folder)
+    same = set(back) == set(weights) and all(mx.array_equal(back[k], weights[k]).item() for k in weights)
+    return {"check": "PEFT tensors read back", "tensors": len(back), "ok": bool(same),
+            "summary": f"PEFT file read back: {len(back)} tensors " + ("equal the adapter's" if same else
+                                                                       "DIFFER from the adapter's")}
+
+
+def fuse_adapter(adapter_dir: Path, out: Path, model: str | None = None, dequantize: bool = False,
+                 quantize: int | None = None) -> Path:
+    """Merge the adapter into the base weights and write the model folder `out` (config, tokenizer with its chat
+    template, weights): float with `dequantize`, re-quantized to `quantize` bits by mlx-lm, else the base's own
+    quantization. Then the folder's logits are checked against base + adapter (check.json)."""
+    from mlx_lm.utils import quantize_model, save
+
+    if dequantize and quantize:
+        raise ExportError("choose --dequantize (float weights) or --quantize BITS, not both")
+    base = base_of(adapter_dir, model)
+    from ..models import resolve_model
+
+    own = model_config(resolve_model(base), dequantize=False).get("quantization") or {}
+    # A base already at `quantize` bits keeps its untouched layers' weights exactly; re-quantizing the whole
+    # de-quantized model moves every weight onto a new grid (bench/README.md, export tolerance).
+    requantize = bool(quantize) and quantize != own.get("bits")
+    mlx_model, tokenizer, path, config = fused_model(Path(adapter_dir), base, dequantize or requantize)
+    if requantize:
+        mlx_model, config = quantize_model(mlx_model, config, own.get("group_size", GROUP_SIZE), quantize)
+    with new_folder(out) as tmp:
+        save(tmp, path, mlx_model, tokenizer, config, donate_model=True)
+        del mlx_model
+        write_check(tmp, {"fuse": compare_logits(tmp, Path(adapter_dir), base)})
+    return Path(out)
+
+
+def export_gguf(adapter_dir: Path, out: Path, model: str | None = None, quantize: int | None = None) -> Path:
+    """The adapter fused into float weights, converted by llama.cpp's converter to out/<name>.gguf (16-bit, or
+    Q8_0 with quantize=8), read back and compared; plus a Modelfile for `ollama create`. Families the converter
+    and the check do not cover, and a missing converter, are refused before anything is written."""
+    from ..models import resolve_model
+
+    base = base_of(adapter_dir, model)
+    problem = family_problem(model_config(resolve_model(base), dequantize=True), quantize) or setup_problem()
+    if problem:
+        raise ExportError(problem)
+    check_free(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fused-"))
+    try:
+        fused = fuse_adapter(Path(adapter_dir), work / "fused", model=base, dequantize=True)
+        with new_folder(out) as tmp:
+            gguf_file = tmp / f"{out.name}.gguf"
+            try:
+                convert(fused, gguf_file, quantize)
+            except GGUFError as e:
+                raise ExportError(str(e)) from None
+            from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+            ollama = write_modelfile(tmp, gguf_file.name, load_tokenizer(fused), out)
+            write_check(tmp, {"fuse": read_check(fused)["fuse"], "gguf": compare_tensors(gguf_file, fused),
+                              "modelfile": ollama})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def base_of(adapter_dir: Path, model: str | None) -> str:
     base = model or base_model_of(adapter_dir)
     if not base:
         raise ExportError(f"{adapter_dir}: the adapter config does not name its base model; pass --model BASE")
-    mlx_model, tokenizer, path, config = fused_model(Path(adapter_dir), base, dequantize)
-    with new_folder(out) as tmp:
-        save(tmp, path, mlx_model, tokenizer, config, donate_model=False)
-    return Path(out)
+    return base
 
 
 def check_free(out: Path) -> None:

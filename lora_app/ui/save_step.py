@@ -1,16 +1,26 @@
 """Step 6, Save / load: copy an adapter (a run's latest or best, or any mlx-lm or PEFT adapter folder) to a folder
-of the user's choice, export it as PEFT or fused (subprocess), test it, or load its settings into the form."""
+of the user's choice, export it for LM Studio (MLX), Ollama (GGUF) or transformers (PEFT) or push it to the Hugging
+Face Hub (each in a subprocess, each checked after writing: the check's lines show under the button), test it, or
+load its settings into the form."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 
+from ..adapters.check import read_check
 from ..adapters.export import ExportError, check_free
+from ..adapters.gguf import family_problem, setup_problem
+from ..adapters.lmstudio import copy_offered, copy_to_lmstudio, models_dir
+from ..adapters.push import REPO_ID
 from ..adapters.reader import AdapterError, AdapterSettings, read_adapter
+from ..adapters.report import check_lines
 from . import engine
 from .context import Context, warned
 from .runlist import adapter_choices
@@ -58,16 +68,79 @@ def save_copy(folder: str | None, dest: str) -> str:
     return f"Saved to `{target}`."
 
 
-def export_adapter(folder: str | None, fmt: str, out: str, dequantize: bool) -> str:
+FORMATS = [("MLX folder: LM Studio, mlx-lm", "mlx"), ("GGUF + Modelfile: Ollama, llama.cpp", "gguf"),
+           ("PEFT adapter: transformers", "peft")]
+WEIGHTS = {"as the base model": [], "float": ["--dequantize"], "8-bit": ["--quantize=8"], "4-bit": ["--quantize=4"]}
+
+
+def gguf_problem(folder: str, weights: str) -> str | None:
+    """Why a GGUF export of this adapter cannot be made here, before anything is written (None: it can, or the
+    base model's config is not on this machine, which the export itself then reports)."""
+    if weights == "4-bit":
+        return family_problem({"model_type": "llama"}, quantize=4)
+    try:
+        base = Path(read_adapter(Path(folder).expanduser()).base_model).expanduser()
+        config = json.loads((base / "config.json").read_text())
+    except (AdapterError, OSError, ValueError):
+        config = None
+    return (family_problem(config) if config else None) or setup_problem()
+
+
+def export_adapter(folder: str | None, fmt: str, out: str, weights: str) -> tuple[str, dict]:
+    """Run `python -m lora_app export`; the result is the folder's check.json as lines (with the ollama command)."""
+    hidden = gr.update(visible=False)
     if not folder or not (out or "").strip():
-        return warned("Export: choose an adapter and type an output folder.")
+        return warned("Export: choose an adapter and type an output folder."), hidden
     target = Path(out.strip()).expanduser()
     try:
         check_free(target)  # here, before a subprocess loads MLX only to refuse it
-        result = engine.export(folder, fmt, str(target), dequantize=dequantize)
-    except (ExportError, engine.EngineError) as e:
-        return warned(f"Export {fmt}: {e}")
-    return f"{fmt}: {result}"
+    except ExportError as e:
+        return warned(f"Export {fmt}: {e}"), hidden
+    problem = gguf_problem(folder, weights) if fmt == "gguf" else None
+    if problem:
+        return warned(f"Export gguf: {problem}"), hidden
+    flags = WEIGHTS.get(weights, []) if fmt != "peft" else []
+    try:  # '=': a value that starts with '-' never reads as a flag
+        engine.cli("export", f"--adapter={folder}", f"--format={fmt}", f"--out={target}", *flags, timeout=3600)
+    except engine.EngineError as e:
+        return warned(f"Export {fmt}: {e}"), hidden
+    lines = [f"Exported to `{target}`.", *(f"- {line}" for line in check_lines(target))]
+    if not (read_check(target) or {}).get("ok", True):
+        gr.Warning(f"Export {fmt}: a check after writing failed; see the lines under the button")
+    offer = fmt == "mlx" and copy_offered()
+    if fmt == "mlx" and not offer:
+        lines.append(f"- LM Studio (macOS) finds MLX models in `{models_dir()}/<publisher>/<model>/`.")
+    return "\n".join(lines), gr.update(visible=offer)
+
+
+def copy_lmstudio(out: str) -> str:
+    try:
+        return f"Copied to LM Studio: `{copy_to_lmstudio(Path(out.strip()).expanduser())}`."
+    except (ExportError, OSError) as e:
+        return warned(f"LM Studio: {e}")
+
+
+def push_adapter(folder: str | None, repo: str, token: str, private: bool, fmt: str) -> str:
+    """Run `python -m lora_app push`; the token travels in HF_TOKEN (never on a command line)."""
+    repo = (repo or "").strip()
+    if not folder or not REPO_ID.match(repo):
+        return warned("Push: choose an adapter and type a repo id as ORG/NAME.")
+    env = engine.env()
+    if (token or "").strip():
+        env["HF_TOKEN"] = token.strip()
+    cmd = [sys.executable, "-m", "lora_app", "push", f"--adapter={folder}", f"--repo={repo}", f"--format={fmt}"]
+    try:
+        done = subprocess.run(cmd + ["--private"] * bool(private), capture_output=True, text=True, env=env,
+                              cwd=engine.ROOT, timeout=3600, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return warned("Push: no answer within an hour")
+    if done.returncode not in (0, 1):
+        return warned(f"Push: {engine.error_line(done.stderr) or f'exit code {done.returncode}'}")
+    summary, *rest = done.stdout.strip().splitlines() or ["?"]
+    url = json.loads(rest[0]).get("url", "") if rest else ""
+    if done.returncode == 1:
+        return warned(f"Push: {summary}")
+    return f"Pushed to {url or repo}.\n- {summary}"
 
 
 def settings_from_adapter(folder: str | None, info: dict | None = None) -> tuple:
@@ -105,15 +178,30 @@ def build(ctx: Context) -> SimpleNamespace:
         dest = gr.Textbox(label="Save a copy to folder (same layout)", scale=3)
         save = gr.Button("Save", variant="primary", scale=0)
     with gr.Row():
-        fmt = gr.Radio(["peft", "fused"], value="peft", label="Export as")
-        out = gr.Textbox(label="Export to folder", scale=2)
-        dequantize = gr.Checkbox(False, label="Fused: float weights")
-        export = gr.Button("Export", scale=0)
+        fmt = gr.Radio(FORMATS, value="mlx", label="Export as", elem_id="export-format")
+        weights = gr.Radio(list(WEIGHTS), value="as the base model", label="Weights (MLX; GGUF: float or 8-bit)",
+                           elem_id="export-weights")
+    with gr.Row():
+        out = gr.Textbox(label="Export to folder", scale=3, elem_id="export-out")
+        export = gr.Button("Export", scale=0, elem_id="export")
+    export_md = gr.Markdown("", elem_id="export-check")
+    lmstudio = gr.Button("Copy into LM Studio's models folder", visible=False, elem_id="copy-lmstudio")
+    with gr.Accordion("Push to the Hugging Face Hub", open=False):
+        with gr.Row():
+            repo = gr.Textbox(label="Repo (ORG/NAME)", scale=2, elem_id="push-repo")
+            token = gr.Textbox(label="Token (or HF_TOKEN / `hf auth login`)", type="password", scale=2)
+            private = gr.Checkbox(True, label="Private")
+        with gr.Row():
+            push_fmt = gr.Radio(["adapter", "peft", "fused"], value="adapter", label="Upload")
+            push = gr.Button("Push", scale=0)
+        push_md = gr.Markdown("", elem_id="push-check")
     status = gr.Markdown("", elem_id="save-status")
     adapter.change(adapter_markdown, adapter, about, api_name="adapter_info")
     refresh.click(lambda: gr.update(choices=adapter_choices(ctx.runs_dir)), None, adapter,
                   api_name="refresh_adapters")
     save.click(save_copy, [adapter, dest], status, api_name="save_adapter")
-    export.click(export_adapter, [adapter, fmt, out, dequantize], status, api_name="export_adapter")
+    export.click(export_adapter, [adapter, fmt, out, weights], [export_md, lmstudio], api_name="export_adapter")
+    lmstudio.click(copy_lmstudio, out, export_md, api_name="copy_lmstudio")
+    push.click(push_adapter, [adapter, repo, token, private, push_fmt], push_md, api_name="push_adapter")
     return SimpleNamespace(adapter=adapter, use=use, load=load, refresh=refresh)
 

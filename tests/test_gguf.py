@@ -1,0 +1,156 @@
+"""GGUF export of the demo model (SmolLM2-135M, a llama): llama.cpp's converter (fetched by `setup-gguf`), the file
+read back by llama.cpp's `gguf` package with a name table written here, independently of lora_app, and compared
+with the fused weights; the export's own check catches a changed tensor; the Modelfile carries the chat template.
+
+Slow (about a minute): the real model, fused twice, converted once. The converter's first fetch takes ~20 s more."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_demo import _llama_cpp_permute
+from test_export import random_adapter
+
+from lora_app import demo
+from lora_app.adapters import export_adapter
+from lora_app.adapters.check import read_check
+
+BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+         "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name in TOP:
+        return TOP[gguf_name]
+    _, block, part, kind = gguf_name.split(".")
+    return f"model.layers.{block}.{BLOCK[part]}.{kind}"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(adapter, GGUF export folder, the same adapter fused to float weights as a folder)."""
+    try:
+        demo.gguf_path()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    from lora_app.adapters.gguf import setup
+
+    setup(log=lambda _m: None)
+    tmp = tmp_path_factory.mktemp("gguf")
+    adapter = random_adapter(demo.demo_model_dir(), tmp / "adapter", "last:4", ["q_proj", "k_proj", "v_proj"])
+    out = export_adapter(adapter, "gguf", tmp / "smol-dates")
+    fused = export_adapter(adapter, "mlx", tmp / "fused", dequantize=True)
+    return adapter, out, fused
+
+
+@pytest.mark.slow
+def test_gguf_tensors_equal_the_fused_weights(exported: tuple[Path, Path, Path]) -> None:
+    import mlx.core as mx
+    from gguf import GGUFReader
+
+    _, out, fused = exported
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "check.json", "smol-dates.gguf"]
+    reader = GGUFReader(str(out / "smol-dates.gguf"))
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(fused / "model.safetensors")).items()}
+    names = {t.name: hf_name(t.name) for t in reader.tensors}
+    assert sorted(names.values()) == sorted(weights)  # every fused tensor, nothing else (tied output)
+    assert {t.tensor_type.name for t in reader.tensors} == {"F16", "F32"}
+    for t in reader.tensors:
+        want = weights[names[t.name]]
+        if t.name.startswith("blk.") and t.name.split(".")[2] in ("attn_q", "attn_k"):
+            want = _llama_cpp_permute(want, 9 if "attn_q" in t.name else 3)
+        got = np.asarray(t.data, dtype=np.float32)
+        assert got.shape == want.shape, t.name
+        np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=t.name)
+    fields = {k: reader.fields[k].contents() for k in ("general.architecture", "tokenizer.ggml.model",
+                                                        "tokenizer.chat_template")}
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+
+
+@pytest.mark.slow
+def test_gguf_export_check_and_modelfile(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from lora_app.adapters.gguf import compare_tensors
+
+    _, out, fused = exported
+    check = read_check(out)
+    assert check["ok"] and check["fuse"]["ok"] and check["fuse"]["weights"] == "float16"
+    assert check["gguf"]["ok"] and check["gguf"]["tensors"] == 272 and check["gguf"]["architecture"] == "llama"
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./smol-dates.gguf\n# Chat template: ChatML")
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>" in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert check["modelfile"]["ollama"] == f"ollama create smol-dates -f {out.resolve() / 'Modelfile'}"
+
+    # One value changed in the file: the check names the tensor.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes((out / "smol-dates.gguf").read_bytes())
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(str(broken), "r+").tensors if t.name == "blk.29.attn_k.weight")
+    tensor.data[3, 7] += np.float16(0.5)
+    tensor.data.flush() if hasattr(tensor.data, "flush") else None
+    result = compare_tensors(broken, fused)
+    assert not result["ok"] and result["problems"][0].startswith("blk.29.attn_k.weight: differs from")
+    assert json.dumps(result)  # what check.json holds
+
+
+DEMO_PROMPT = "Write 17 March 2023 as YYYY-MM-DD."
+
+
+def greedy(model_dir: Path, adapter: Path | None = None, prompt: str = DEMO_PROMPT) -> str:
+    from lora_app.generate import greedy_answer, load_for_generation
+
+    model, tokenizer = load_for_generation(str(model_dir), str(adapter) if adapter else None, dequantize=False)
+    return greedy_answer(model, tokenizer, prompt, max_tokens=24)
+
+
+@pytest.mark.slow
+def test_4bit_mlx_export_answers_as_the_adapter(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Re-quantized to 4 bits on the base's own grid (group 32), the fused model still gives the adapter's greedy
+    answer, which differs from the base model's (so the comparison means something)."""
+    from mlx_lm import load as mlx_load
+
+    from lora_app.models import quantization_of
+
+    adapter = exported[0]
+    out = export_adapter(adapter, "mlx", tmp_path / "q4", quantize=4)
+    assert quantization_of(mlx_load(str(out))[0]) == {"bits": 4, "group_size": 32}
+    assert read_check(out)["fuse"]["ok"]
+    ours = greedy(demo.demo_model_dir(), adapter)
+    assert ours != greedy(demo.demo_model_dir())
+    assert greedy(out) == ours
+
+
+def llama_cpp_missing() -> str | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return ("llama-cpp-python is not installed (building it takes ~10 min on 2 cores, so CI does not); "
+                "bench/README.md says how to run this test and holds its last output")
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(llama_cpp_missing() is not None, reason=llama_cpp_missing() or "")
+def test_llama_cpp_loads_the_gguf_and_answers_as_we_do(exported: tuple[Path, Path, Path]) -> None:
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    adapter, out, fused = exported
+    llm = Llama(model_path=str(out / "smol-dates.gguf"), n_ctx=512, verbose=False, seed=0)
+    hf = AutoTokenizer.from_pretrained(str(fused))
+    for text in ("The capital of France is Paris.", "  spaces,\ttabs\nand 17 März 2023 — ünïcödé 😀",
+                 "<|im_start|>user\nhi<|im_end|>\n", DEMO_PROMPT):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text), text
+    ours = greedy(demo.demo_model_dir(), adapter)
+    ids = hf.apply_chat_template([{"role": "user", "content": DEMO_PROMPT}], add_generation_prompt=True)
+    theirs = llm.create_completion(list(ids), max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+    print(f"llama.cpp: {theirs.strip()!r}\nmlx-lm (base + adapter): {ours!r}")
+    assert theirs.strip() == ours
