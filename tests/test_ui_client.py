@@ -132,8 +132,11 @@ def test_run_from_start_to_stop(app, tiny_model, text_data, tmp_path):
     assert (dest / "adapters.safetensors").read_bytes() == (adapter / "adapters.safetensors").read_bytes()
     assert "not empty" in client.predict(str(adapter), str(dest), api_name="/save_adapter")
 
-    base, tuned = client.predict(str(tiny_model), str(adapter), "the red cat", 8, True, api_name="/generate")
-    assert base and tuned and not base.startswith("⚠️") and not tuned.startswith("⚠️")
+    # model, adapter, template, system prompt, temperature, top-p, max tokens, seed, message, both chats so far
+    base, tuned, _, _ = client.predict(str(tiny_model), str(adapter), "own", "", 0, 1, 8, 0, "the red cat", [], [],
+                                       api_name="/chat")
+    answers = [chat[-1]["content"][0]["text"] for chat in (base, tuned)]  # the answer's one text part
+    assert all(a and not a.startswith("⚠️") for a in answers), answers
 
 
 @pytest.mark.slow

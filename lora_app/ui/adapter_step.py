@@ -72,9 +72,10 @@ def wire(ui: SimpleNamespace, info: gr.State, train_inputs: list) -> None:
         slider.release(layers_text, [ui.first, ui.last, info], ui.layers, api_name=f"layers_{slider.elem_id[6:]}")
     ui.layers.input(sliders_from_layers, [ui.layers, info], [ui.first, ui.last], api_name="layers_typed",
                     show_progress="hidden")
-    gr.on([ui.layers.change, ui.modules.change, ui.rank.change, info.change, *(x.change for x in train_inputs)],
-          lambda i, la, m, r, *t: adapter_summary(i, la, m or [], r or 1, *t),
-          [info, ui.layers, ui.modules, ui.rank, *train_inputs], ui.summary, api_name="adapter_summary",
+    gr.on([ui.layers.change, ui.modules.change, ui.rank.change, ui.method.change, info.change,
+           *(x.change for x in train_inputs)],
+          lambda i, la, m, r, method, *t: adapter_summary(i, la, m or [], r or 1, *t, method=method),
+          [info, ui.layers, ui.modules, ui.rank, ui.method, *train_inputs], ui.summary, api_name="adapter_summary",
           show_progress="hidden")
 
 

@@ -30,8 +30,8 @@ def build_app(runs_dir: str | Path = "runs", models_dir: str | Path | None = Non
                 d = data_step.build()
             with gr.Tab("4 · Train", id="train"):
                 t = train_step.build()
-            with gr.Tab("5 · Test", id="test"):
-                p = test_step.build()
+            with gr.Tab("5 · Test", id="test") as test_tab:
+                p = test_step.build(ctx)
             with gr.Tab("6 · Save / load"):
                 s = save_step.build(ctx)
             with gr.Tab("Runs"):
@@ -40,12 +40,13 @@ def build_app(runs_dir: str | Path = "runs", models_dir: str | Path | None = Non
                 c = runs_step.build_compare(ctx)
         parts = {**vars(m), **vars(a), **vars(d), **vars(t)}
         form = {k: parts[k] for k in FORM_KEYS}  # the settings' widgets by config name
-        wire(ctx, m, a, d, t, p, s, r, c, info, form)
+        wire(ctx, demo, m, a, d, t, p, s, r, c, info, form)
         demo.load(lambda: train_step.initial_run(ctx), None, t.current, api_name="attach")
+        test_tab.select(test_step.worker_status, None, p.status, api_name="chat_status", show_progress="hidden")
     return demo
 
 
-def wire(ctx, m, a, d, t, p, s, r, c, info, form: dict) -> None:
+def wire(ctx, demo, m, a, d, t, p, s, r, c, info, form: dict) -> None:
     """Events between steps."""
     gr.on([m.inspect.click, m.model.submit], model_step.inspect_model, m.model, [info, m.info_md],
           api_name="inspect").then(model_step.backend_markdown, None, m.backend_md, api_name="backend")
@@ -56,6 +57,8 @@ def wire(ctx, m, a, d, t, p, s, r, c, info, form: dict) -> None:
                                                      d.skip_bad_rows, t.max_seq_length, t.batch_size, t.probe_prompts],
                     [d.rows, d.stats, t.probe_prompts, d.longest], api_name="preview_data")
     train_step.wire(ctx, t, form, info)
+    model_step.wire(ctx, m, demo, [a.rank, a.modules, a.layers, t.batch_size, t.max_seq_length, t.grad_checkpoint,
+                                   d.longest, a.method])
     m.model.change(lambda x: x, m.model, p.model, api_name="sync_test_model", show_progress="hidden")
     choices = lambda: gr.update(choices=adapter_choices(ctx.runs_dir))  # noqa: E731
     p.refresh.click(choices, None, p.adapter, api_name="refresh_test_adapters")
@@ -66,5 +69,5 @@ def wire(ctx, m, a, d, t, p, s, r, c, info, form: dict) -> None:
                  api_name="load_adapter_settings")
     runs_step.wire(ctx, r, c, t.current)
     # A finished run shows up in the lists without a manual refresh.
-    t.current.change(lambda: (runs_frame(ctx.runs_dir), gr.update(choices=adapter_choices(ctx.runs_dir))),
-                     None, [r.table, s.adapter], api_name="runs_changed", show_progress="hidden")
+    t.current.change(lambda: (runs_frame(ctx.runs_dir), *[gr.update(choices=adapter_choices(ctx.runs_dir))] * 2),
+                     None, [r.table, s.adapter, p.adapter], api_name="runs_changed", show_progress="hidden")

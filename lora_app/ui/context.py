@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+
+from .downloads import Downloads
 
 
 @dataclass
 class Context:
     runs_dir: Path
     models_dir: Path | None = None
+    downloads: Downloads = field(default_factory=Downloads)
 
 
 def warned(message: str) -> str:

@@ -1,5 +1,5 @@
 """The engine through subprocesses, so MLX never loads in the UI process and a corrupt model cannot take
-the page down: inspect, backend info, streaming generation, export. Also finds model folders on disk."""
+the page down: inspect, backend info, streaming generation, export."""
 
 from __future__ import annotations
 
@@ -108,18 +108,6 @@ def memory_available_gb() -> float | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def find_models(models_dir: Path | None) -> list[str]:
-    """Model folders (with config.json) in the models folder and the Hugging Face cache snapshots."""
-    found = []
-    hub = Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface" / "hub"))
-    for folder in sorted(hub.glob("models--*/snapshots/*")):
-        if (folder / "config.json").is_file():
-            found.append(str(folder))
-    if models_dir and Path(models_dir).is_dir():
-        found += [str(p) for p in sorted(Path(models_dir).iterdir()) if (p / "config.json").is_file()]
-    return found
 
 
 def export(adapter: str, fmt: str, out: str, model: str | None = None, dequantize: bool = False) -> str:

@@ -17,9 +17,11 @@ def human_bytes(n: float) -> str:
 
 
 def adapter_summary(info: dict, layers: str, modules: list[str], rank: int, batch_size: int = 4,
-                    max_seq_length: int = 2048, grad_checkpoint: bool = False, longest_row: int | None = None) -> str:
+                    max_seq_length: int = 2048, grad_checkpoint: bool = False, longest_row: int | None = None,
+                    method: str = "lora") -> str:
     """Markdown: trainable params (count, % of the model), adapter file size, training-memory estimate.
-    `longest_row`: tokens in the data's longest row, from the Data step's preview (None before one)."""
+    `longest_row`: tokens in the data's longest row, from the Data step's preview (None before one); `method`:
+    lora, dora (a magnitude per output as well) or full (every weight of the modules)."""
     if not info:
         return "Inspect the model (step 1) to see trainable parameters and sizes."
     try:
@@ -31,7 +33,7 @@ def adapter_summary(info: dict, layers: str, modules: list[str], rank: int, batc
     unknown = [m for m in modules if m not in info["module_shapes"]]
     if unknown:
         return f"⚠️ module(s) {', '.join(unknown)} not in this model; it has {', '.join(info['linear_modules'])}"
-    n = count_for(info["module_shapes"], modules, len(blocks), int(rank))
+    n = count_for(info["module_shapes"], modules, len(blocks), int(rank), method or "lora")
     share = n / info["total_params"] if info.get("total_params") else 0
     text = (f"**Trainable parameters** {n:,} ({share:.3%} of {info['total_params']:,}) · "
             f"**adapter file** {human_bytes(adapter_bytes(n))} · {len(blocks)} block(s) × {len(modules)} module(s)")

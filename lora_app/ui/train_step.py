@@ -16,6 +16,7 @@ import gradio as gr
 from .. import runs
 from ..config import ConfigError, RunConfig, save_config_json
 from . import launch, timeline
+from .chat_worker import WORKERS, training_reason
 from .context import Context, warned
 from .form import widget
 from .loss_plot import HOVER_JS, loss_svg, metric_svg
@@ -58,6 +59,7 @@ def start(ctx: Context, name: str, mode: str = launch.MODES[0], nproc: float = 2
             return gr.skip(), warned(ONE_RUN.format(name=active.name))
         run_dir = runs.new_run_dir(ctx.runs_dir, safe)
         save_config_json(config, run_dir / "config.json")
+        WORKERS.release(training_reason(run_dir.name))  # training always wins the memory (chat_worker.py)
         runs.start_training(run_dir, extra=launch.save_launch(run_dir, choice))
     where = f" on {choice.world_size} processes" if choice.world_size > 1 else ""
     return run_dir.name, f"Started **{run_dir.name}**{where} (folder `{run_dir}`)."
@@ -93,6 +95,7 @@ def resume_run(ctx: Context, current: str) -> tuple[str, str]:
             return gr.skip(), warned(ONE_RUN.format(name=active.name))
         if runs.run_state(run_dir).status == "done":
             return gr.skip(), warned(f"Resume: {current} is finished; raise Iterations and start a new run instead.")
+        WORKERS.release(training_reason(current))
         try:
             runs.start_training(run_dir, resume=True, extra=launch.launch_args(run_dir))  # as it was started
         except runs.RunError as e:
