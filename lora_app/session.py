@@ -99,9 +99,7 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     if cfg.lora.init_adapter and s.progress.step == 0:  # a resumed run's checkpoint wins
         start_from_adapter(s, targets, base_model, reporter)
     if t.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+        checkpoint_blocks(model.layers[0])
     n = trainable_parameter_count(model)
     reporter.event("info", message=f"trainable parameters: {n:,} ({len(targets.module_paths())} modules); "
                                    f"{plan.steps_per_epoch()} steps per epoch; {total_steps} steps",
@@ -144,6 +142,24 @@ def objective_for(cfg: RunConfig, head: Head | None) -> Any:
 
     t = cfg.train
     return CrossEntropy(head) if t.objective == "sft" else Preference(t.objective, t.beta, t.orpo_lambda)
+
+
+def checkpoint_blocks(block: Any) -> None:
+    """Gradient checkpointing of every block of this type, as mlx-lm's grad_checkpoint does it, except that only
+    the parameters and the hidden state pass through mx.checkpoint: it asks for a gradient of every array it is
+    given, and MLX's fused CUDA attention has none for a mask (packed rows of several sequences carry one)."""
+    import mlx.core as mx
+
+    call = type(block).__call__
+
+    def checkpointed(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        def inner(params: Any, x: Any) -> Any:
+            self.update(params)
+            return call(self, x, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    type(block).__call__ = checkpointed
 
 
 def build_optimizer(cfg: RunConfig, total_steps: int) -> Any:
