@@ -130,7 +130,7 @@ def run_row(row: dict, out: Path) -> dict:
         data.load_data = lambda *a, **k: data.LoadedData(train=examples, format="text")
         flat |= {"model": "random", "data": "synthetic", "batch_size": row["batch_size"],
                  "max_seq_length": row["max_seq_length"], "grad_checkpoint": row["grad_checkpoint"],
-                 "rank": row["rank"], "modules": row["modules"], "batching": "packed"}
+                 "rank": row["rank"], "modules": row["modules"], "batching": row.get("batching", "packed")}
     seen = {}
     check = memory.check_model
 
@@ -313,6 +313,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "memory"))
     ap.add_argument("--only", default="", help="run the rows whose name contains this")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per row")
+    ap.add_argument("--batching", choices=("packed", "padded"), default="packed",
+                    help="padded: one sequence a row, no attention mask (the rows' names say so)")
     a = ap.parse_args()
     out = Path(a.out)
     if a.render:
@@ -340,6 +342,8 @@ def main() -> int:
     for row in gpu_rows(a.small) if a.gpu else cpu_rows(a.small):
         if a.only not in row["name"]:
             continue
+        if a.batching == "padded":
+            row = dict(row, batching="padded", name=row["name"] + ", padded")
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             results.append(in_process("row", row, Path(tmp), a.timeout))
         with record.open("a") as f:
