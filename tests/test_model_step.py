@@ -75,6 +75,12 @@ def row_cells(page, repo: str) -> list[str]:
     return next((cells[i:i + n] for i in range(n, len(cells), n) if cells[i] == repo), [])
 
 
+@pytest.mark.parametrize("repo", ["-h/x", "--json", "org/name/extra", "../../etc", ""])
+def test_only_a_repo_id_reaches_the_download_command(repo):
+    with pytest.raises(hub_api.HubError, match="not a hub repo id"):
+        Downloads().start(repo)
+
+
 @pytest.mark.slow
 def test_catalog_download_in_the_browser(hub_env, tmp_path, engine_env):
     """Check a repo on the hub, see its row with a verdict, download it with a moving progress bar, and find it

@@ -49,7 +49,9 @@ class Downloads:
 
     def start(self, repo: str, token: str = "", revision: str = "") -> Download:
         """Start downloading `repo` (or return the download already running). The token travels in the
-        process's environment, never on its command line (other users can read command lines)."""
+        process's environment, never on its command line (other users can read command lines). HubError for
+        anything but a hub repo id: the id is a command-line argument, and '-x/y' would read as a flag."""
+        hub.check_repo_id(repo)
         with self._lock:
             item = self._items.get(repo)
             if item and item.active:

@@ -118,10 +118,11 @@ def check_repo(repo: str, token: str, checked: list[dict]) -> tuple:
 def download(ctx: Context, repo: str, token: str):
     """Start the download and stream its progress bar until it ends; then the model is the chosen one."""
     repo = (repo or "").strip()
-    if not repo or repo.count("/") != 1:
-        yield gr.skip(), warned(f"Repo id {repo!r}: expected the form org/name (as on huggingface.co)."), gr.skip()
+    try:
+        item = ctx.downloads.start(repo, token)
+    except hub.HubError as e:
+        yield gr.skip(), warned(str(e)), gr.skip()
         return
-    item = ctx.downloads.start(repo, token)
     while item.active:
         yield progress_html(item), f"Downloading `{repo}` into the Hugging Face cache…", gr.skip()
         time.sleep(PROGRESS_EVERY_S)
