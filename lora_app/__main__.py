@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--skip-bad-rows", action="store_true")
     pre.add_argument("--max-seq-length", type=int, default=2048)
     pre.add_argument("--batch-size", type=int, default=4)
+    pre.add_argument("--objective", default="sft", choices=("sft", "dpo", "orpo"),
+                     help="What the run trains on preference pairs: sft the chosen answers, dpo / orpo both.")
     pre.add_argument("--rows", type=int, default=3, help="Rows shown token by token (at most 20).")
     pre.add_argument("--json", action="store_true", help="Print JSON (what the app reads).")
 
@@ -397,7 +399,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
     cfg = RunConfig.from_flat({"data": args.data, "data_format": args.data_format, "mask_prompt": args.mask_prompt,
                                "valid_fraction": args.valid_fraction, "skip_bad_rows": args.skip_bad_rows,
-                               "max_seq_length": args.max_seq_length, "batch_size": args.batch_size})
+                               "max_seq_length": args.max_seq_length, "batch_size": args.batch_size,
+                               "objective": args.objective})
     from transformers import AutoTokenizer  # the tokenizer alone: no model weights, no MLX
 
     model = resolve_model(args.model)
@@ -406,7 +409,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise UserError(f"{args.model}: cannot load its tokenizer ({(str(e) or repr(e)).splitlines()[0]})") from None
     report = preview_report(cfg.data, tokenizer, cfg.train.max_seq_length, cfg.train.batch_size,
-                            n_rows=max(0, min(args.rows, 20)))
+                            n_rows=max(0, min(args.rows, 20)), objective=cfg.train.objective)
     if args.json:
         print(json.dumps(report))
     else:

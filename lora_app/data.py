@@ -402,8 +402,9 @@ def tokenize_answer(row: dict, side: str, tokenizer: Any) -> Example:
 
 
 def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: int = 2048,
-            source: Source | None = None) -> list[PreviewRow]:
-    """The first training rows as tokens marked trained/masked; a bad row carries its problem instead."""
+            source: Source | None = None, objective: str = "sft") -> list[PreviewRow]:
+    """The first training rows as tokens marked trained/masked; a bad row carries its problem instead. Pairs show
+    what the objective trains: DPO / ORPO both answers, SFT only the chosen one (session.for_objective)."""
     source = source or read_source(cfg)
     fmt, _ = choose_format(cfg, source)
     template_notes(fmt, tokenizer)  # raises for chat data and a tokenizer without a chat template
@@ -413,7 +414,8 @@ def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: in
         if example is None:
             out.append(PreviewRow(row.where, [], problem=problem))
             continue
-        sides = zip(("chosen", "rejected"), example) if fmt == "preference" else [("", example)]
+        sides = list(zip(SIDES, example)) if fmt == "preference" else [("", example)]
+        sides = sides[:1] if fmt == "preference" and objective == "sft" else sides
         for side, (tokens, weights) in sides:  # a pair: its chosen row, then its rejected row
             kept = min(len(tokens), max_seq_length)
             shown = min(kept, SHOWN_TOKENS)
@@ -421,6 +423,16 @@ def preview(cfg: DataConfig, tokenizer: Any, n_rows: int = 3, max_seq_length: in
             out.append(PreviewRow(f"{row.where} · {side}" if side else row.where, segments, len(tokens),
                                   sum(weights[:kept]), len(tokens) - kept, hidden=kept - shown))
     return out
+
+
+def objective_note(fmt: str, objective: str) -> str:
+    """What the objective makes of data of this format ('' when nothing to say): session.for_objective's rule."""
+    if fmt == "preference" and objective == "sft":
+        return "objective sft on preference data: training on the chosen answers (dpo or orpo trains on the pairs)"
+    if fmt != "preference" and objective != "sft":
+        return (f"objective {objective} needs preference data: rows with chosen and rejected answers (this data's "
+                f"format is {fmt}); training would stop here")
+    return ""
 
 
 def token_texts(tokenizer: Any, tokens: list[int], context: int = 8) -> list[str]:
@@ -436,10 +448,12 @@ def token_texts(tokenizer: Any, tokens: list[int], context: int = 8) -> list[str
     return texts
 
 
-def statistics(loaded: LoadedData, max_seq_length: int) -> dict[str, Any]:
+def statistics(loaded: LoadedData, max_seq_length: int, objective: str = "sft") -> dict[str, Any]:
     """Rows per split and, for the training split, tokens per row, trained tokens and truncation (preference
-    data: per answer, each pair counting as its two answers)."""
-    train = [side for pair in loaded.train for side in pair] if loaded.format == "preference" else loaded.train
+    data: per answer, each pair counting as its two answers for DPO / ORPO, as its chosen answer for SFT)."""
+    train = loaded.train
+    if loaded.format == "preference":
+        train = [pair[0] for pair in train] if objective == "sft" else [side for pair in train for side in pair]
     lengths = [len(tokens) for tokens, _ in train]
     cuts = [n - max_seq_length for n in lengths if n > max_seq_length]
     s = {

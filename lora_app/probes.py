@@ -13,6 +13,7 @@ from .data import (
     choose_format,
     load_data,
     map_columns,
+    objective_note,
     preview,
     prompt_completion,
     statistics,
@@ -56,12 +57,14 @@ def row_prompt(row: dict[str, Any], fmt: str) -> str:
 
 
 def preview_report(cfg: DataConfig, tokenizer: Any, max_seq_length: int, batch_size: int,
-                   n_rows: int = 3) -> dict[str, Any]:
+                   n_rows: int = 3, objective: str = "sft") -> dict[str, Any]:
     """What the Data step shows, as JSON: the first rows token by token, statistics over the first rows
-    (SAMPLE_ROWS / SAMPLE_TOKENS), notes, and probe prompts from the first validation rows. `python -m lora_app
-    preview` runs it, so the page's process never holds a whole dataset."""
+    (SAMPLE_ROWS / SAMPLE_TOKENS), notes, and probe prompts from the first validation rows; preference pairs as the
+    objective trains them (SFT: the chosen answers; DPO / ORPO: both). `python -m lora_app preview` runs it, so the
+    page's process never holds a whole dataset."""
     source = read_source(cfg)
-    rows = preview(cfg, tokenizer, n_rows, max_seq_length, source=source)
+    rows = preview(cfg, tokenizer, n_rows, max_seq_length, source=source, objective=objective)
     loaded = load_data(cfg, tokenizer, batch_size=batch_size, source=source, sample=(SAMPLE_ROWS, SAMPLE_TOKENS))
-    return {"rows": [asdict(r) for r in rows], "statistics": statistics(loaded, max_seq_length),
-            "notes": loaded.notes, "prompts": default_probe_prompts(cfg, source=source)}
+    notes = loaded.notes + [note] if (note := objective_note(loaded.format, objective)) else loaded.notes
+    return {"rows": [asdict(r) for r in rows], "statistics": statistics(loaded, max_seq_length, objective),
+            "notes": notes, "prompts": default_probe_prompts(cfg, source=source)}

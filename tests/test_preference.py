@@ -111,8 +111,10 @@ def test_pair_rows_are_detected_previewed_and_refused_by_line(tiny_model, tmp_pa
     assert loaded.format == "preference" and len(loaded.train) == 3
     (chosen, cw), (rejected, rw) = loaded.train[0]
     assert tokenizer.decode([t for t, w in zip(chosen, cw) if w]).startswith(("cat", "red", "the"))
-    rows = preview(cfg, tokenizer, n_rows=2)
+    rows = preview(cfg, tokenizer, n_rows=2, objective="dpo")
     assert [r.where.rsplit("· ", 1)[1] for r in rows] == ["chosen", "rejected", "chosen", "rejected"]
+    sft = preview(cfg, tokenizer, n_rows=2)  # SFT trains on the chosen answers only
+    assert [(r.where, r.segments) for r in sft] == [(r.where, r.segments) for r in rows[::2]]
     assert "".join(t for t, trained in rows[0].segments if trained).startswith("cat")
     assert "".join(t for t, trained in rows[1].segments if trained).startswith("red")
     bad = good + [{"prompt": "x", "chosen": "y"}, {"prompt": "", "chosen": "a", "rejected": "b"},
@@ -124,6 +126,33 @@ def test_pair_rows_are_detected_previewed_and_refused_by_line(tiny_model, tmp_pa
     assert "bad.jsonl: line 3: missing 'rejected'" in text
     assert "line 4: 'chosen' is text, so 'prompt' must be a non-empty string" in text
     assert "line 5: 'chosen': the last message must be the assistant's answer" in text
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "orpo"])
+def test_cli_preview_shows_pairs_as_the_objective_trains_them(objective, tiny_model, tmp_path, capfd,
+                                                                monkeypatch) -> None:
+    """`python -m lora_app preview --objective` (what the Data step runs): SFT previews the chosen conversations
+    and counts their tokens; DPO and ORPO preview the chosen / rejected pairs and count both answers."""
+    from runhelp import cli_in_process
+
+    write(tmp_path / "train.jsonl", preference_rows(8, 1))
+    args = ["preview", "--model", str(tiny_model), "--data", str(tmp_path / "train.jsonl"), "--rows", "2", "--json"]
+    done = cli_in_process(args + ["--objective", objective], capfd, monkeypatch)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    sides = [row["where"].rsplit("· ", 1)[1] for row in report["rows"]]
+    pairs = objective != "sft"
+    assert sides == (["chosen", "rejected"] * 2 if pairs else ["chosen", "chosen"])
+    trained = ["".join(text for text, on in row["segments"] if on) for row in report["rows"]]
+    answers = [r["chosen"] for r in preference_rows(8, 1)[:2]]
+    assert [t.strip().startswith(a) for t, a in zip(trained[::2 if pairs else 1], answers, strict=True)] == [True] * 2
+    stats = report["statistics"]
+    assert stats["format"] == "preference" and stats["trained_tokens"] > 0
+    assert ("training on the chosen answers" in " ".join(report["notes"])) != pairs
+    if not pairs:  # the same rows; DPO counts both answers of each pair
+        dpo = json.loads(cli_in_process(args + ["--objective", "dpo"], capfd, monkeypatch).stdout)["statistics"]
+        assert dpo["rows"] == stats["rows"] and dpo["tokens"] > stats["tokens"]
+        assert dpo["trained_tokens"] > stats["trained_tokens"]
 
 
 def test_packed_pairs_keep_their_answers_apart() -> None:

@@ -1,5 +1,6 @@
-"""Preference training from the page (issue 28), in a real browser: pair data previews as chosen / rejected rows in
-the Data step; with the DPO objective the live view draws the reward margin and accuracy beside the loss."""
+"""Preference training from the page (issue 28), in a real browser: pair data previews as the objective trains it in
+the Data step (sft: the chosen rows; choosing DPO in the Train step turns it into chosen / rejected pairs); with the
+DPO objective the live view draws the reward margin and accuracy beside the loss."""
 
 from __future__ import annotations
 
@@ -35,14 +36,21 @@ def test_dpo_from_the_page(tiny_model, tmp_path, engine_env) -> None:
         fill(page, "data-path", str(data))
         page.get_by_role("button", name="Preview and statistics").click()
         preview = page.locator("#data-preview")
+        # objective sft (the default) trains on the chosen answers: the preview shows those rows only
         preview.get_by_text("line 1 · chosen").wait_for(timeout=60_000)
-        preview.get_by_text("line 1 · rejected").wait_for()
         page.locator("#data-stats").get_by_role("cell", name="preference").wait_for()
+        page.locator("#data-stats").get_by_text("training on the chosen answers").wait_for()
+        assert preview.get_by_text("· rejected").count() == 0
 
         page.get_by_role("tab", name="4 · Train").click()
         choice = page.locator("#objective input").first
         choice.click()
         page.get_by_role("option", name="dpo", exact=True).click()
+        page.get_by_role("tab", name="3 · Data").click()  # choosing DPO turns the preview into pairs
+        preview.get_by_text("line 1 · rejected").wait_for(timeout=60_000)
+        preview.get_by_text("line 1 · chosen").wait_for()
+        assert page.locator("#data-stats").get_by_text("training on the chosen answers").count() == 0
+        page.get_by_role("tab", name="4 · Train").click()
         fill(page, "iters", "20", "input")
         fill(page, "steps-per-report", "5", "input")
         page.locator("#start").click()

@@ -53,9 +53,11 @@ def wire(ctx, demo, m, a, d, t, p, s, r, c, info, form: dict) -> None:
     info.change(adapter_step.on_info, [info, a.layers, a.modules], [a.first, a.last, a.modules],
                 api_name="adapter_choices")
     adapter_step.wire(a, info, [t.batch_size, t.max_seq_length, t.grad_checkpoint, d.longest])
-    d.preview.click(data_step.preview_with_longest, [m.model, d.data, d.data_format, d.valid_fraction, d.mask_prompt,
-                                                     d.skip_bad_rows, t.max_seq_length, t.batch_size, t.probe_prompts],
-                    [d.rows, d.stats, t.probe_prompts, d.longest], api_name="preview_data")
+    preview_in = [m.model, d.data, d.data_format, d.valid_fraction, d.mask_prompt, d.skip_bad_rows, t.max_seq_length,
+                  t.batch_size, t.probe_prompts, t.objective]  # the objective: pairs as it trains them
+    preview_out = [d.rows, d.stats, t.probe_prompts, d.longest]
+    d.preview.click(data_step.preview_with_longest, preview_in, preview_out, api_name="preview_data")
+    t.objective.change(data_step.refresh_preview, [d.rows, *preview_in], preview_out, api_name="refresh_preview")
     train_step.wire(ctx, t, form, info)
     model_step.wire(ctx, m, demo, [a.rank, a.modules, a.layers, t.batch_size, t.max_seq_length, t.grad_checkpoint,
                                    d.longest, a.method])

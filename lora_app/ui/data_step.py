@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..config import BOUNDS, DEMO, ConfigError
+from ..config import BOUNDS, CHOICES, DEMO, ConfigError, short_repr
 from . import form
 
 # Tokens in the demo data's longest training row (the demo model's chat template; tests/test_memory.py checks it):
@@ -38,15 +38,18 @@ def preview_html(rows: list) -> str:
 
 
 def preview_data(model: str, data: str, data_format: str, valid_fraction: float, mask_prompt: bool,
-                 skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str) -> tuple:
+                 skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str,
+                 objective: str = "sft") -> tuple:
     """Preview rows, statistics (over the first rows of a big dataset) and, when the Train step's sample-probe box
-    is empty, prompts of the first validation rows for it; all from one `preview` subprocess."""
+    is empty, prompts of the first validation rows for it; all from one `preview` subprocess. Preference pairs show
+    as the Train step's objective trains them (sft: the chosen answers; dpo / orpo: chosen and rejected)."""
     return preview_with_longest(model, data, data_format, valid_fraction, mask_prompt, skip_bad_rows, max_seq_length,
-                                batch_size, probes)[:3]
+                                batch_size, probes, objective)[:3]
 
 
 def preview_with_longest(model: str, data: str, data_format: str, valid_fraction: float, mask_prompt: bool,
-                         skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str) -> tuple:
+                         skip_bad_rows: bool, max_seq_length: float, batch_size: float, probes: str,
+                         objective: str = "sft") -> tuple:
     """preview_data's outputs and the tokens of the longest training row (None when the preview failed): the
     Adapter step's memory estimate sizes the widest batch from it."""
     from ..data import PreviewRow, format_statistics
@@ -59,7 +62,7 @@ def preview_with_longest(model: str, data: str, data_format: str, valid_fraction
         report = preview((model or "demo").strip(), data.strip(), str(data_format),
                          page_number(valid_fraction, "valid_fraction", 0, 1), bool(mask_prompt), bool(skip_bad_rows),
                          page_int(max_seq_length, "max_seq_length", MAX_SEQ_LENGTH),
-                         page_int(batch_size, "batch_size", MAX_BATCH_SIZE))
+                         page_int(batch_size, "batch_size", MAX_BATCH_SIZE), page_choice(objective, "objective"))
     except (ConfigError, EngineError) as e:
         gr.Warning(f"Data {data}: {str(e).splitlines()[0]}")
         return "", "⚠️ " + html.escape(str(e)).replace("\n", "<br>"), gr.skip(), None
@@ -68,6 +71,18 @@ def preview_with_longest(model: str, data: str, data_format: str, valid_fraction
     prompts = gr.skip() if (probes or "").strip() else "\n".join(report["prompts"])
     stats = format_statistics(report["statistics"]) + ("\n\n" + notes if notes else "")
     return preview_html(rows), stats, prompts, int(report["statistics"].get("tokens_max") or 0) or None
+
+
+def refresh_preview(shown: str, *args: Any) -> tuple:
+    """preview_with_longest(*args) again when a preview is shown (the objective changed); else nothing changes."""
+    return preview_with_longest(*args) if (shown or "").strip() else (gr.skip(),) * 4
+
+
+def page_choice(value: Any, name: str) -> str:
+    """One of config field `name`'s choices from the page, or ConfigError (it reaches a command line)."""
+    if value not in CHOICES[name]:
+        raise ConfigError(f"{name}: expected one of {', '.join(CHOICES[name])}, got {short_repr(value)}")
+    return value
 
 
 def page_number(value: Any, name: str, low: float, high: float) -> float:

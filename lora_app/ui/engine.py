@@ -54,13 +54,13 @@ def run(cmd: list[str], timeout: float, describe: Callable[[str], str] | None = 
 
 
 def preview(model: str, data: str, data_format: str, valid_fraction: float, mask_prompt: bool, skip_bad_rows: bool,
-            max_seq_length: int, batch_size: int, timeout: float = 300) -> dict:
+            max_seq_length: int, batch_size: int, objective: str = "sft", timeout: float = 300) -> dict:
     """`python -m lora_app preview --json`: the Data step's rows and statistics, read and tokenized in a process of
     their own, so a big dataset's memory is given back when it ends. EngineError carries the CLI's whole message
     (a dataset's problems take several lines)."""
     cmd = [sys.executable, "-m", "lora_app", "preview", f"--model={model}", f"--data={data}",  # '=': a value
            f"--data-format={data_format}", f"--valid-fraction={valid_fraction}",  # never reads as a flag
-           f"--max-seq-length={max_seq_length}", f"--batch-size={batch_size}", "--json"]
+           f"--max-seq-length={max_seq_length}", f"--batch-size={batch_size}", f"--objective={objective}", "--json"]
     cmd += ["--mask-prompt"] * mask_prompt + ["--skip-bad-rows"] * skip_bad_rows
     return json.loads(run(cmd, timeout, describe=error_message))
 
