@@ -10,7 +10,8 @@ import pytest
 
 from lora_app.config import BOUNDS, CHOICES, SECTIONS, RunConfig
 from lora_app.ui.blocks import build_app
-from lora_app.ui.settings import CLI_ONLY, DEQUANTIZE, config_to_form, form_to_config
+from lora_app.ui.form import CHECKBOX_TEXT
+from lora_app.ui.settings import CHECKBOXES, CLI_ONLY, DEQUANTIZE, config_to_form, form_to_config
 from lora_app.ui.train_step import LAUNCH_KEYS
 
 FIELDS = {f.name: f for section in SECTIONS for f in fields(section)}
@@ -40,7 +41,8 @@ def test_page_defaults_are_run_configs(page_form):
 
 
 def test_labels_come_from_the_config(page_form):
-    wrong = {name: w.label for name, w in page_form.items() if w.label != FIELDS[name].metadata["label"]}
+    label = {name: CHECKBOX_TEXT[name][0] if name in CHECKBOXES else FIELDS[name].metadata["label"] for name in FIELDS}
+    wrong = {name: w.label for name, w in page_form.items() if w.label != label[name]}
     assert not wrong
 
 
@@ -48,7 +50,20 @@ def test_choices_are_the_configs(page_form):
     offered = {name: [value for _, value in w.choices] for name, w in page_form.items() if hasattr(w, "choices")}
     assert offered.pop("dequantize") == list(DEQUANTIZE)
     offered.pop("modules")  # the inspected model's linear modules
-    assert offered == {name: list(choices) for name, choices in CHOICES.items()}
+    assert offered == {name: list(choices) for name, choices in CHOICES.items() if name not in CHECKBOXES}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKBOXES))
+def test_a_two_choice_setting_as_a_checkbox(page_form, name):
+    """report_to is a checkbox on the page (ticked: tensorboard), its config and CLI keep the choice's name."""
+    off, on = CHECKBOXES[name]
+    assert isinstance(page_form[name], gr.Checkbox) and page_form[name].value is False
+    assert tuple(CHOICES[name]) == (off, on)
+    values = {n: w.value for n, w in page_form.items()} | {"model": "/m", "data": "/d"}
+    for ticked, choice in ((True, on), (False, off)):
+        config = form_to_config(values | {name: ticked})
+        assert config.to_flat()[name] == choice and config_to_form(config)[name] is ticked
+    assert form_to_config(values | {name: on}).to_flat()[name] == on  # a choice's name (YAML, API) as it is
 
 
 def test_bounds_are_the_configs(page_form):

@@ -21,11 +21,15 @@ from typing import Any
 import gradio as gr
 
 from ..config import BOUNDS, SECTIONS, RunConfig, field_help
-from .settings import config_to_form
+from .settings import CHECKBOXES, config_to_form
 
 FIELDS: dict[str, Field] = {f.name: f for section in SECTIONS for f in fields(section)}
 SHOWN = config_to_form(RunConfig())  # each default as the form shows it (dequantize "auto", in-block module paths)
 HELP = field_help()  # help text with the allowed range
+# The label and info line of each settings.CHECKBOXES setting: its config label and help name the CLI's choices.
+CHECKBOX_TEXT = {"report_to": ("Write TensorBoard event files", "The scalars (loss, learning rate, grad norm, ...) "
+                               "also as TensorBoard event files in the run folder's tensorboard/: "
+                               "tensorboard --logdir runs/")}
 
 
 def props(name: str, **layout: Any) -> dict[str, Any]:
@@ -38,6 +42,9 @@ def widget(name: str, **layout: Any) -> gr.components.Component:
     """The widget of config field `name`, from its type and metadata; `layout` as for props()."""
     f, kw = FIELDS[name], props(name, **layout)
     kind = str(f.type)
+    if name in CHECKBOXES:
+        label, info = CHECKBOX_TEXT[name]
+        return gr.Checkbox(**{**kw, "label": label, "info": info})
     if "choices" in f.metadata:
         return gr.Dropdown(list(f.metadata["choices"]), **kw)
     if kind == "bool":

@@ -2,7 +2,8 @@
 
 Engine-free. The form holds one component per config key (FORM_KEYS) and hands them to handlers by name;
 `layers` is a spec string kept in step with the block-range sliders, `modules` holds in-block paths
-(self_attn.q_proj), `dequantize` is auto/yes/no and `probe_prompts` one prompt per line.
+(self_attn.q_proj), `dequantize` is auto/yes/no, `probe_prompts` one prompt per line, and a setting of two choices
+in CHECKBOXES a checkbox (report_to: ticked is tensorboard).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..config import (
 CLI_ONLY = ("columns", "hf_split")
 FORM_KEYS = tuple(name for name in field_defaults() if name not in CLI_ONLY)
 DEQUANTIZE = {"auto": None, "yes": True, "no": False}
+CHECKBOXES = {"report_to": ("none", "tensorboard")}  # a setting of two choices the page shows as a checkbox: off, on
 BLOCK_NUMBER = f"([0-9]{{1,{len(str(MAX_BLOCK))}}})"  # no model has a block number longer than MAX_BLOCK's
 BLOCK_NUMBER_LAST = re.compile(f"last:{BLOCK_NUMBER}")
 BLOCK_NUMBER_RANGE = re.compile(f"{BLOCK_NUMBER}-{BLOCK_NUMBER}")
@@ -38,6 +40,9 @@ def form_to_flat(values: dict[str, Any]) -> dict[str, Any]:
     """Form values -> flat config keys (not yet validated)."""
     flat = {k: v for k, v in values.items() if k in FORM_KEYS and v is not None and v != ""}
     flat["dequantize"] = DEQUANTIZE.get(str(values.get("dequantize", "auto")), None)
+    for key, (off, on) in CHECKBOXES.items():  # a ticked box is its `on` choice; a choice's name passes as it is
+        if isinstance(values.get(key), bool):
+            flat[key] = on if values[key] else off
     prompts = values.get("probe_prompts") or ""
     if isinstance(prompts, str):
         flat["probe_prompts"] = [line.strip() for line in prompts.splitlines() if line.strip()]
@@ -61,6 +66,8 @@ def config_to_form(config: RunConfig, available: list[str] | None = None) -> dic
     flat = config.to_flat()
     flat["dequantize"] = {None: "auto", True: "yes", False: "no"}[flat["dequantize"]]
     flat["probe_prompts"] = "\n".join(flat["probe_prompts"])
+    for key, (_, on) in CHECKBOXES.items():
+        flat[key] = flat[key] == on
     flat["modules"] = module_choices(flat["modules"], available)
     return {k: flat[k] for k in FORM_KEYS}
 
