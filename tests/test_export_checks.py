@@ -73,10 +73,11 @@ def test_quantized_mlx_export_loads_in_mlx_lm(tiny_model: Path, bits: int, tmp_p
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
     fuse = read_check(out)["fuse"]
     assert fuse["weights"] == f"{bits}-bit" and fuse["max_rel_diff"] > TOLERANCE["float32"]
-    # Measured (bench/README.md): 8 bits keeps this random model's answers; 4 bits does not, and the check says so.
-    assert fuse["ok"] == (bits == 8), fuse
-    if bits == 4:
+    if bits == 4:  # measured (bench/README.md): 4 bits moves this random model's logits 30-50%
+        assert not fuse["ok"] and fuse["max_rel_diff"] > TOLERANCE["4-bit"]
         assert "export 8-bit (--quantize 8) or float (--dequantize) instead" in summary(fuse)
+    else:  # 8 bits: 2%, well within the tolerance and under the adapter's own effect
+        assert fuse["max_rel_diff"] < TOLERANCE["8-bit"] and fuse["diff_vs_effect"] < 0.5
 
 
 def test_export_refusals_before_writing(adapter: Path, engine_env: dict, tmp_path: Path) -> None:

@@ -1,8 +1,15 @@
 """GGUF export of the demo model (SmolLM2-135M, a llama): llama.cpp's converter (fetched by `setup-gguf`), the file
 read back by llama.cpp's `gguf` package with a name table written here, independently of lora_app, and compared
-with the fused weights; the export's own check catches a changed tensor; the Modelfile carries the chat template.
+with the fused weights; the export's own check catches a changed tensor; the Modelfile carries the chat template;
+the 4-bit MLX export answers as the adapter; llama.cpp itself, where llama-cpp-python is installed.
 
-Slow (about a minute): the real model, fused twice, converted once. The converter's first fetch takes ~20 s more."""
+The adapter is a real one, so that greedy answers mean something: tests/data/demo-dates-adapter, trained on the
+demo task by `python -m lora_app train --model demo --data demo --out RUN --iters 30 --learning-rate 2e-3 --layers
+last:8 --mask-prompt --steps-per-eval 0 --save-every 30` (2 min on 2 CPU cores; its config's model set to "demo").
+It answers "Write 17 March 2023 as YYYY-MM-DD." with 2023-03-11, the base model with 12/2023.
+
+Slow (about a minute and a half): the real model, fused three times, converted once. The converter's first fetch
+takes ~20 s more."""
 
 from __future__ import annotations
 
@@ -12,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_demo import _llama_cpp_permute
-from test_export import random_adapter
 
 from lora_app import demo
 from lora_app.adapters import export_adapter
@@ -22,6 +28,7 @@ BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+ADAPTER = Path(__file__).resolve().parent / "data" / "demo-dates-adapter"
 
 
 def hf_name(gguf_name: str) -> str:
@@ -42,10 +49,9 @@ def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
 
     setup(log=lambda _m: None)
     tmp = tmp_path_factory.mktemp("gguf")
-    adapter = random_adapter(demo.demo_model_dir(), tmp / "adapter", "last:4", ["q_proj", "k_proj", "v_proj"])
-    out = export_adapter(adapter, "gguf", tmp / "smol-dates")
-    fused = export_adapter(adapter, "mlx", tmp / "fused", dequantize=True)
-    return adapter, out, fused
+    out = export_adapter(ADAPTER, "gguf", tmp / "smol-dates")
+    fused = export_adapter(ADAPTER, "mlx", tmp / "fused", dequantize=True)
+    return ADAPTER, out, fused
 
 
 @pytest.mark.slow
@@ -113,8 +119,10 @@ def greedy(model_dir: Path, adapter: Path | None = None, prompt: str = DEMO_PROM
 
 @pytest.mark.slow
 def test_4bit_mlx_export_answers_as_the_adapter(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    """Re-quantized to 4 bits on the base's own grid (group 32), the fused model still gives the adapter's greedy
-    answer, which differs from the base model's (so the comparison means something)."""
+    """The 4-bit base stays 4-bit (group 32; only the adapted layers are re-quantized), and the fused model gives
+    the adapter's greedy answer to the demo prompt, which differs from the base model's. Not to every prompt: the
+    re-quantization flips near ties ("Write 5 January 1999 ..." gives 1999-01-01, the adapter 1999-01-05), and
+    the check says so (greedy agreement under 95%)."""
     from mlx_lm import load as mlx_load
 
     from lora_app.models import quantization_of
@@ -122,10 +130,13 @@ def test_4bit_mlx_export_answers_as_the_adapter(exported: tuple[Path, Path, Path
     adapter = exported[0]
     out = export_adapter(adapter, "mlx", tmp_path / "q4", quantize=4)
     assert quantization_of(mlx_load(str(out))[0]) == {"bits": 4, "group_size": 32}
-    assert read_check(out)["fuse"]["ok"]
     ours = greedy(demo.demo_model_dir(), adapter)
-    assert ours != greedy(demo.demo_model_dir())
+    assert ours == "2023-03-11" and greedy(demo.demo_model_dir()) != ours
     assert greedy(out) == ours
+    fuse = read_check(out)["fuse"]
+    assert fuse["weights"] == "4-bit" and fuse["max_rel_diff"] < fuse["tolerance_rel"]
+    assert fuse["diff_vs_effect"] < fuse["effect_share"]
+    assert fuse["argmax_agreement"] < 0.95 and not fuse["ok"]  # what it measured: 91%
 
 
 def llama_cpp_missing() -> str | None:
@@ -143,6 +154,8 @@ def test_llama_cpp_loads_the_gguf_and_answers_as_we_do(exported: tuple[Path, Pat
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
+    from lora_app.generate import prompt_tokens
+
     adapter, out, fused = exported
     llm = Llama(model_path=str(out / "smol-dates.gguf"), n_ctx=512, verbose=False, seed=0)
     hf = AutoTokenizer.from_pretrained(str(fused))
@@ -150,7 +163,7 @@ def test_llama_cpp_loads_the_gguf_and_answers_as_we_do(exported: tuple[Path, Pat
                  "<|im_start|>user\nhi<|im_end|>\n", DEMO_PROMPT):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text), text
     ours = greedy(demo.demo_model_dir(), adapter)
-    ids = hf.apply_chat_template([{"role": "user", "content": DEMO_PROMPT}], add_generation_prompt=True)
-    theirs = llm.create_completion(list(ids), max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+    ids = prompt_tokens(hf, DEMO_PROMPT)  # the chat template, as our greedy answer gets it
+    theirs = llm.create_completion(ids, max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
     print(f"llama.cpp: {theirs.strip()!r}\nmlx-lm (base + adapter): {ours!r}")
     assert theirs.strip() == ours
