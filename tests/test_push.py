@@ -105,3 +105,27 @@ def test_push_refusals_and_a_hub_that_loses_data(run: Path, engine_env: dict, tm
         assert done.returncode == 1
         assert "Hub: 1 of 4 files differ, e.g. adapter_config.json" in done.stdout
         assert "do not all match" in done.stderr
+
+
+def test_page_push_hands_the_token_over_in_the_environment(run: Path, tmp_path: Path, monkeypatch) -> None:
+    """The Save / load step's Push: the token field reaches the hub through HF_TOKEN, never the command line."""
+    from lora_app.ui import save_step
+
+    calls = []
+    real_run = subprocess.run
+
+    def spy(cmd, **kwargs):
+        calls.append((cmd, kwargs["env"]))
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(save_step.subprocess, "run", spy)
+    with UploadHub({}, tokens={TOKEN: set()}) as hub:
+        for key, value in hub_env({}, hub, tmp_path, token=None).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        shown = save_step.push_adapter(str(run / "adapters"), "me/page", TOKEN, True, "adapter")
+        assert shown.startswith(f"Pushed to {hub.url}/me/page.") and "Hub: 4 files" in shown
+        assert "me/page" in hub.repos and hub.created["me/page"]["visibility"] == "private"
+    (cmd, env), = calls
+    assert env["HF_TOKEN"] == TOKEN and not any(TOKEN in part for part in cmd)
+    assert "--private" in cmd and f"--adapter={run / 'adapters'}" in cmd
