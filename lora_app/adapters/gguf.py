@@ -115,7 +115,8 @@ def pip(args: list[str]) -> None:
 
 def unpack(archive: Path, target: Path) -> None:
     """Only PARTS, only regular files and folders (no links, nothing outside the target), then one rename."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpacking-"))
     try:
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
@@ -132,8 +133,11 @@ def unpack(archive: Path, target: Path) -> None:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as src, open(dest, "wb") as out:
                     shutil.copyfileobj(src, out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process (a second app, a parallel test) unpacked it first
+            if not (target / PARTS[0]).is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
