@@ -84,6 +84,15 @@ def test_push_adapter_with_model_card(run: Path, tiny_model: Path, text_data: Pa
         assert files["README.md"].decode().startswith("---\nlibrary_name: \"peft\"\n")
         assert "check.json" not in files and len(hub.commits) == 2
 
+        # The fused model: its own check (logits against base + adapter) is reported, not uploaded.
+        done = cli(["push", "--adapter", str(run / "adapters"), "--repo", "me/tiny-fused", "--format", "fused"],
+                   hub_env(engine_env, hub, tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert "fused vs base + adapter (float32)" in done.stdout and done.stdout.rstrip().endswith(": OK")
+        files = hub.repos["me/tiny-fused"].files
+        assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(files)
+        assert "check.json" not in files and "mlx_lm.generate --model me/tiny-fused" in files["README.md"].decode()
+
 
 def test_push_refusals_and_a_hub_that_loses_data(run: Path, engine_env: dict, tmp_path: Path) -> None:
     with UploadHub({}, tokens={TOKEN: set()}) as hub:

@@ -27,9 +27,11 @@ class PushError(ValueError):
     """A push that cannot be done or failed at the hub; one line."""
 
 
-def stage(adapter_dir: Path, repo: str, fmt: str, folder: Path, model: str | None = None) -> Path:
-    """The files to upload in `folder`: the adapter as it is, or exported, and the model card."""
+def stage(adapter_dir: Path, repo: str, fmt: str, folder: Path, model: str | None = None) -> dict[str, Any]:
+    """The files to upload in `folder`: the adapter as it is, or exported, and the model card; returns the
+    export's own checks (a fused model's logits against base + adapter), which are not uploaded."""
     from .card import write_card
+    from .check import read_check
     from .export import export_adapter
     from .reader import is_peft_folder
 
@@ -39,10 +41,11 @@ def stage(adapter_dir: Path, repo: str, fmt: str, folder: Path, model: str | Non
         export_adapter(adapter_dir, "peft", folder, model=model)
     else:
         export_adapter(adapter_dir, "mlx", folder, model=model)
+    checks = {k: v for k, v in (read_check(folder) or {}).items() if isinstance(v, dict)} if fmt != "adapter" else {}
     for name in SKIP:
         (folder / name).unlink(missing_ok=True)
     write_card(folder, adapter_dir, repo, fmt)
-    return folder
+    return checks
 
 
 def push(adapter_dir: Path, repo: str, fmt: str = "adapter", private: bool = False, model: str | None = None,
@@ -63,7 +66,8 @@ def push(adapter_dir: Path, repo: str, fmt: str = "adapter", private: bool = Fal
                         "`hf auth login` once")
     api = HfApi()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = stage(Path(adapter_dir), repo, fmt, Path(tmp) / "upload", model)
+        folder = Path(tmp) / "upload"
+        exported = stage(Path(adapter_dir), repo, fmt, folder, model)
         log(f"uploading {sum(1 for p in folder.rglob('*') if p.is_file())} files to {repo} ...")
         try:
             url = api.create_repo(repo, private=private, exist_ok=True)
@@ -73,7 +77,8 @@ def push(adapter_dir: Path, repo: str, fmt: str = "adapter", private: bool = Fal
         except HfHubHTTPError as e:
             said = getattr(e, "server_message", None) or str(e).splitlines()[0]
             raise PushError(f"the hub refused: {said}") from None
-    return {**result, "repo": repo, "url": str(url), "commit": commit.oid, "private": private, "format": fmt}
+    return {**result, "repo": repo, "url": str(url), "commit": commit.oid, "private": private, "format": fmt,
+            "export_checks": exported}
 
 
 def compare_listing(api: Any, repo: str, revision: str, folder: Path) -> dict[str, Any]:
@@ -106,10 +111,14 @@ def git_oid(data: bytes) -> str:
 
 
 def push_and_report(args: Namespace) -> int:
+    from .check import summary
+
     result = push(Path(args.adapter), args.repo, args.format, args.private, args.model,
                   log=lambda m: print(m, file=sys.stderr, flush=True))
     print(result["summary"])
     print(json.dumps({k: result[k] for k in ("url", "commit", "ok")}))
+    for check in result["export_checks"].values():
+        print(summary(check))
     if not result["ok"]:
         print(f"warning: {args.repo}: the uploaded files do not all match", file=sys.stderr)
         return 1

@@ -140,7 +140,7 @@ def push_adapter(folder: str | None, repo: str, token: str, private: bool, fmt: 
     url = json.loads(rest[0]).get("url", "") if rest else ""
     if done.returncode == 1:
         return warned(f"Push: {summary}")
-    return f"Pushed to {url or repo}.\n- {summary}"
+    return "\n".join([f"Pushed to {url or repo}.", f"- {summary}", *(f"- {line}" for line in rest[1:])])
 
 
 def settings_from_adapter(folder: str | None, info: dict | None = None) -> tuple:
