@@ -3,14 +3,14 @@ mlx_lm.load reads fused folders and gives the adapter model's logits, PEFT impor
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import runhelp
 import tiny
 
 from lora_app.adapters import AdapterError, ExportError, adapter_config, export_adapter, load_adapter, save_adapter
@@ -70,9 +70,7 @@ def torch_logits(base_dir: Path, peft_dir: Path | None = None) -> np.ndarray:
         return model.eval()(torch.tensor(TOKENS)).logits.float().numpy()
 
 
-def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_app", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+cli = functools.partial(runhelp.cli, timeout=300)  # exports load and fuse a model: slower than most
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------

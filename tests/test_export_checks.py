@@ -5,21 +5,14 @@ exports load in mlx_lm.load with mlx-lm's quantization; the Modelfile's chat tem
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tiny
-from test_export import random_adapter
+from test_export import cli, random_adapter
 
 from lora_app.adapters import export_adapter
 from lora_app.adapters.check import TOLERANCE, read_check, summary
-
-
-def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_app", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
 @pytest.fixture(scope="module")

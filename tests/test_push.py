@@ -3,21 +3,20 @@ network), the model card is written from the run, and the listing after the uplo
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import runhelp
 from hubupload import UploadHub
 
 TOKEN = "hf_test_write_token"
 
 
-def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_app", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+cli = functools.partial(runhelp.cli, timeout=300)  # exports load and fuse a model: slower than most
 
 
 @pytest.fixture(scope="module")
