@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import DEMO, LoraConfig, full_module_name
 from .lora import LoraError, count_for, parse_layers
-from .memory import estimate_training_memory, human, verdict, weight_bytes
+from .memory import dtype_bytes_of, estimate_training_memory, human, verdict, weight_bytes
 
 CATALOG_FILE = Path(__file__).with_name("model_catalog.json")
 # SmolLM2-135M-Instruct as the demo builds it from the GGUF (Q4_1: 4 bits, groups of 32), for sizing the demo
@@ -172,7 +172,7 @@ def download_bytes(entry: Entry) -> int:
     if entry.size_bytes:
         return entry.size_bytes
     info = info_from_config(entry.config)
-    return weight_bytes(info, 2 if info["dtype"] in ("bfloat16", "float16") else 4)
+    return weight_bytes(info, dtype_bytes_of(info))
 
 
 def parameters_text(n: int) -> str:
