@@ -152,9 +152,9 @@ def chosen_modules(wanted: list[str], shapes: dict[str, list[int]]) -> list[str]
     return [m for m in shapes if m.startswith("self_attn.")][:1]
 
 
-def estimate(entry: Entry, s: Settings) -> dict[str, int]:
-    """Training memory for this model at the form's settings (memory.estimate_training_memory's dict)."""
-    info = info_from_config(entry.config)
+def estimate(info: dict[str, Any], s: Settings) -> dict[str, int]:
+    """Training memory for a model (info_from_config's dict) at the form's settings
+    (memory.estimate_training_memory's dict)."""
     try:
         blocks = parse_layers(s.layers, info["num_blocks"])
     except LoraError:
@@ -166,13 +166,10 @@ def estimate(entry: Entry, s: Settings) -> dict[str, int]:
                                     blocks_trained=info["num_blocks"] - min(blocks, default=0))
 
 
-def download_bytes(entry: Entry) -> int:
-    """The hub's number when known; else the weights as the config describes them (within a few percent: the
-    tokenizer and the odd unquantized norm are left out)."""
-    if entry.size_bytes:
-        return entry.size_bytes
-    info = info_from_config(entry.config)
-    return weight_bytes(info, dtype_bytes_of(info))
+def download_bytes(entry: Entry, info: dict[str, Any]) -> int:
+    """The hub's number when known; else the weights as the config (`info`) describes them (within a few percent:
+    the tokenizer and the odd unquantized norm are left out)."""
+    return entry.size_bytes or weight_bytes(info, dtype_bytes_of(info))
 
 
 def parameters_text(n: int) -> str:
@@ -186,12 +183,12 @@ def quantization_text(info: dict[str, Any]) -> str:
 
 def row(entry: Entry, s: Settings, available: int) -> list[str]:
     info = info_from_config(entry.config)
-    est = estimate(entry, s)
+    est = estimate(info, s)
     approx = "" if entry.size_bytes else "≈ "  # computed from the config, not listed by the hub
     license_text = (entry.license or "-") + (" · gated: needs a token" if entry.gated else "")
     verdict_text = VERDICT_MARK[verdict(est["total"], available)] if available else "unknown"
     return [entry.name, entry.where, parameters_text(info["total_params"]), quantization_text(info),
-            approx + human(download_bytes(entry)),
+            approx + human(download_bytes(entry, info)),
             license_text, f"about {human(est['total'])}", verdict_text]
 
 
