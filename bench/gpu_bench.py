@@ -134,19 +134,19 @@ def mlx_lm_lora_step(a, config: dict, modules: list[str]) -> tuple:
 
 
 def ours_compiled_step(model, plain_loss: bool = False) -> tuple:
-    """The training loop's compiled step (trainer.compiled_step, default settings) for a model with LoRA applied, in
+    """The training loop's compiled step (trainer.training_step, default settings) for a model with LoRA applied, in
     training mode; plain_loss: the loss through the whole logits tensor instead of head_loss's chunks."""
     from lora_app.config import RunConfig
     from lora_app.head_loss import find_head
     from lora_app.objective import CrossEntropy
     from lora_app.session import build_optimizer
-    from lora_app.trainer import compiled_step
+    from lora_app.trainer import training_step
 
     cfg = RunConfig()
     optimizer = build_optimizer(cfg, 1000)
     optimizer.init(model.trainable_parameters())
     model.train()
-    return compiled_step(model, optimizer, CrossEntropy(None if plain_loss else find_head(model)), cfg.train.grad_clip)
+    return training_step(model, optimizer, CrossEntropy(None if plain_loss else find_head(model)), cfg.train.grad_clip)
 
 
 def part_mlx_steps(a) -> None:
@@ -180,7 +180,7 @@ def part_mlx_steps(a) -> None:
         batch, lengths = mx.array(tokens), mx.array([[0, T]] * B)
         cases[f"mlx-lm compiled step, {tag}"] = (partial(their_step, batch, lengths), state)
 
-        # ours: trainer.compiled_step on our batches; our LoRA layer (bf16 low-rank path) and mlx-lm's (float32)
+        # ours: trainer.training_step on our batches; our LoRA layer (bf16 low-rank path) and mlx-lm's (float32)
         variants = [("padded/causal", Batch(tokens, weights), False), ("padded/causal, float32 LoRA path",
                                                                         Batch(tokens, weights), True)]
         if tag == "q/v":

@@ -208,7 +208,7 @@ def sweep_one(cfg: dict) -> dict:
     from lora_app.lora import apply_lora, trainable_parameter_count
     from lora_app.memory import estimate_training_memory
     from lora_app.objective import CrossEntropy
-    from lora_app.trainer import compiled_step
+    from lora_app.trainer import training_step
 
     model = build_model(cfg)
     apply_lora(model, LoraConfig(rank=cfg["rank"], modules=cfg["modules"], layers=cfg.get("layers", "all")), seed=0)
@@ -218,7 +218,7 @@ def sweep_one(cfg: dict) -> dict:
         grad_checkpoint(model.layers[0])
     opt = optim.AdamW(learning_rate=1e-5)
     opt.init(model.trainable_parameters())
-    step, state = compiled_step(model, opt, CrossEntropy(find_head(model)))
+    step, state = training_step(model, opt, CrossEntropy(find_head(model)))
     model.train()
     b, w = cfg["batch_size"], cfg["width"]
     tokens = mx.random.randint(3, cfg["model"]["vocab_size"], (b, w + 1)).astype(mx.int32)

@@ -36,6 +36,8 @@ class Batch:
     tokens: np.ndarray  # [rows, T + 1] int32; the model sees tokens[:, :-1] and predicts tokens[:, 1:]
     weights: np.ndarray  # [rows, T] float32, 1 where the target token carries loss
     segments: np.ndarray | None = None  # [rows, T] int32 sequence ids for packed rows, else None
+    # Each row's sequences as (start, end) positions of the model's input, for span attention on the CPU
+    spans: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     @property
     def trained_tokens(self) -> int:
@@ -113,29 +115,32 @@ class BatchPlan:
             n = self.lengths[i]
             tokens[r, :n] = t[:n]
             weights[r, : n - 1] = w[1:n]
-        return Batch(tokens, weights)
+        return Batch(tokens, weights, spans=tuple(((0, min(self.lengths[i], width)),) for i in indices))
 
     def _packed_batch(self, rows: list[list[int]]) -> Batch:
         width = self.row_length()
         tokens = np.zeros((len(rows), width + 1), np.int32)
         weights = np.zeros((len(rows), width), np.float32)
         segments = np.full((len(rows), width + 1), -1, np.int32)
+        spans: list[tuple[tuple[int, int], ...]] = []
         for r, row in enumerate(rows):
-            pos = 0
+            pos, row_spans = 0, []
             for seg, i in enumerate(row):
                 t, w = self.examples[i]
                 n = self.lengths[i]
                 tokens[r, pos:pos + n] = t[:n]
                 weights[r, pos:pos + n - 1] = w[1:n]
                 segments[r, pos:pos + n] = seg
+                row_spans.append((pos, min(pos + n, width)))
                 pos += n
+            spans.append(tuple(row_spans))
         if max(len(row) for row in rows) == 1:
             # One sequence per row: plain causal attention is exact (a sequence never sees the padding after
             # it), and the model keeps its fused causal attention instead of an array mask.
-            return Batch(tokens, weights)
+            return Batch(tokens, weights, spans=tuple(spans))
         # Padding tail: its own segment per row, so its queries still see one key (no empty softmax rows).
         segments[segments < 0] = 1_000_000
-        return Batch(tokens, weights, segments[:, :-1])
+        return Batch(tokens, weights, segments[:, :-1], tuple(spans))
 
 
 def eval_batches(examples: list[Example], batch_size: int, max_seq_length: int, limit: int = -1,

@@ -62,11 +62,15 @@ class SegmentMask:
 
 def forward(model: Any, inputs: Any, segments: Any = None, hidden_only: bool = False) -> Any:
     """Logits (or with hidden_only, the last hidden states before the LM head); a packed row's sequences (segment
-    ids) attend only to themselves, causally."""
+    ids, or span_attention.Spans) attend only to themselves, causally."""
     import mlx.core as mx
 
+    from .span_attention import Spans
+
     cache = None
-    if segments is not None:
+    if isinstance(segments, Spans):
+        cache = [segments] * len(model.layers)
+    elif segments is not None:
         n = segments.shape[1]
         causal = mx.arange(n)[:, None] >= mx.arange(n)[None]
         mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
@@ -93,14 +97,19 @@ def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None, head: H
     return ce / mx.maximum(ntoks, 1), ntoks
 
 
-def batch_arrays(batch: Batch) -> tuple:
+def batch_arrays(batch: Batch, spans: bool = False) -> tuple:
     """A batch as the arrays loss() takes: tokens, weights, for preference pairs the answer of each token
-    (pairs.PairBatch.owners) and, for packed rows, segment ids."""
+    (pairs.PairBatch.owners) and, for packed rows, segment ids; with `spans`, every batch's sequence spans
+    (span_attention.Spans) in place of the segment ids."""
     import mlx.core as mx
+
+    from .span_attention import Spans
 
     arrays = (mx.array(batch.tokens), mx.array(batch.weights))
     owners = getattr(batch, "owners", None)
     arrays += (mx.array(owners),) if owners is not None else ()
+    if spans:
+        return arrays + (Spans(batch.spans),)
     return arrays + ((mx.array(batch.segments),) if batch.segments is not None else ())
 
 

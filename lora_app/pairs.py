@@ -93,7 +93,7 @@ def pair_batch(pairs: list[Pair], max_len: int, mode: str, buckets: list[int]) -
             owners[r, pos:pos + n] = 2 * i + side
             segments[r, pos:pos + n] = side
             pos += n
-    return PairBatch(tokens, weights, segments[:, :-1] if packed else None, owners[:, :-1])
+    return PairBatch(tokens, weights, segments[:, :-1] if packed else None, owners=owners[:, :-1])
 
 
 def pair_eval_batches(pairs: list[Pair], batch_size: int, max_seq_length: int, limit: int = -1,

@@ -96,13 +96,14 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
     elif p.step == 0 and t.probe_prompts:
         probe(s, reporter, control, 0)
     start_step = p.step + 1
-    step_fn, state = compiled_step(s.model, s.optimizer, objective, t.grad_clip)
+    by_spans = attends_by_spans(s, objective)
+    step_fn, state = training_step(s.model, s.optimizer, objective, t.grad_clip, compiled=not by_spans)
     s.model.train()
     losses: list[tuple[int, Any]] = []  # (step, loss) since the last report, read back only then
     # Summed since the last report: grad norm and the objective's own metrics (objective.metrics), one vector
     stat_sum = mx.zeros((1 + len(objective.metrics),))
     tok_sum, window_tokens, window_start, excluded = mx.array(0.0), 0, time.perf_counter(), 0.0
-    upcoming = upload(s, p.step)
+    upcoming = upload(s, p.step, by_spans)
     mx.reset_peak_memory()  # the peak the train events report is the training's, not the loading's
     before, step_1_tokens = mx.get_active_memory(), math.prod(upcoming[0][0].shape)
     usual_limit = run_ahead.tighten_for_step_1(t.memory_limit_gb)
@@ -111,7 +112,7 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
         if s.cfg.lora.dropout > 0:
             mx.random.seed(t.seed * 1_000_003 + step)  # dropout masks depend on the step only: exact resume
         if not upcoming:  # right after a report's sync (or every UPLOAD_MOST steps of a longer report window)
-            upcoming = upload(s, p.step)
+            upcoming = upload(s, p.step, by_spans)
         loss, ntoks, stats = step_fn(*upcoming.popleft())
         losses.append((step, loss))
         tok_sum, stat_sum = tok_sum + ntoks, stat_sum + stats
@@ -155,10 +156,20 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
             excluded += time.perf_counter() - aside
 
 
-def compiled_step(model: Any, optimizer: Any, objective: Objective, grad_clip: float = 0.0) -> tuple[Any, list]:
-    """One optimizer step on a batch's arrays, compiled: returns (step, the state it updates in place). A step
-    returns the loss, its token count and a vector of the gradient's global norm (before clipping) followed by the
-    objective's own metrics (objective.metrics), which its loss returns as a third value."""
+def attends_by_spans(s: Session, objective: Objective) -> bool:
+    """Whether this run's steps take their batches' sequence spans (span_attention.py: supervised training on the
+    CPU) instead of compiled steps with segment masks."""
+    from .objective import CrossEntropy
+    from .span_attention import enabled_for
+
+    return isinstance(objective, CrossEntropy) and enabled_for(s.model)
+
+
+def training_step(model: Any, optimizer: Any, objective: Objective, grad_clip: float = 0.0,
+                  compiled: bool = True) -> tuple[Any, list]:
+    """One optimizer step on a batch's arrays, compiled unless asked not to: returns (step, the state it updates in
+    place). A step returns the loss, its token count and a vector of the gradient's global norm (before clipping)
+    followed by the objective's own metrics (objective.metrics), which its loss returns as a third value."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -168,7 +179,6 @@ def compiled_step(model: Any, optimizer: Any, objective: Objective, grad_clip: f
     value_and_grad = nn.value_and_grad(model, objective.loss)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch: Any) -> tuple[Any, Any, Any]:
         (loss, ntoks, *extra), grads = value_and_grad(model, *batch)
         grads = average_gradients(grads)
@@ -179,10 +189,10 @@ def compiled_step(model: Any, optimizer: Any, objective: Objective, grad_clip: f
         optimizer.update(model, grads)
         return loss, ntoks, mx.concatenate([norm.reshape(1).astype(mx.float32), *extra])
 
-    return step, state
+    return (mx.compile(step, inputs=state, outputs=state) if compiled else step), state
 
 
-def upload(s: Session, first: int) -> deque:
+def upload(s: Session, first: int, spans: bool = False) -> deque:
     """The input arrays of 0-based steps `first` up to the next report (at most UPLOAD_MOST steps), made at once.
 
     Call it where the GPU has just been waited for. Making an array from host data can synchronize the device in
@@ -192,7 +202,7 @@ def upload(s: Session, first: int) -> deque:
     """
     every = s.cfg.train.steps_per_report
     last = min(s.total_steps, (first // every + 1) * every, first + UPLOAD_MOST)
-    return deque(batch_arrays(s.plan.batch_at(k)) for k in range(first, max(last, first + 1)))
+    return deque(batch_arrays(s.plan.batch_at(k), spans) for k in range(first, max(last, first + 1)))
 
 
 def check_finite(s: Session, reporter: Reporter, losses: list[tuple[int, Any]], start_step: int) -> None:

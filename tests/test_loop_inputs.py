@@ -25,13 +25,13 @@ def trainer(model: Path, data: Path, run_dir: Path, **overrides: object) -> Sess
 def recorded_tokens(tr: Session, monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     """Run the loop, recording the tokens each step was given."""
     seen: list[np.ndarray] = []
-    real = trainer_module.compiled_step
+    real = trainer_module.training_step
 
-    def compiled_step(*args):
-        step, state = real(*args)
+    def training_step(*args, **kwargs):
+        step, state = real(*args, **kwargs)
         return (lambda tokens, *rest: (seen.append(np.array(tokens)), step(tokens, *rest))[1]), state
 
-    monkeypatch.setattr(trainer_module, "compiled_step", compiled_step)
+    monkeypatch.setattr(trainer_module, "training_step", training_step)
     tr.started = time.perf_counter()
     trainer_module.train(tr, CrossEntropy(tr.head), RunFolderReporter(tr.run_dir), trainer_module.Control(tr.run_dir))
     return seen
