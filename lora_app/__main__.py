@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="Export an adapter: a fused MLX model (LM Studio), a GGUF + Modelfile (Ollama), or PEFT.",
         description="Write the adapter for other tools into a new folder, then check what was written (check.json): "
                     "mlx = a fused model folder (LM Studio, mlx-lm); gguf = a GGUF from llama.cpp's converter plus an "
-                    "Ollama Modelfile (run `setup-gguf` once first); peft = a Hugging Face PEFT adapter.")
+                    "Ollama Modelfile (run `setup-gguf` once first), or for gemma2 and mixtral the adapter plus a "
+                    "Modelfile whose ADAPTER line Ollama converts; peft = a Hugging Face PEFT adapter.")
     exp.add_argument("--adapter", required=True)
     exp.add_argument("--format", choices=["mlx", "gguf", "peft", "fused"], required=True,
                      help="fused is the old name of mlx.")
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dequantize", action="store_true", help="mlx: write float weights.")
     exp.add_argument("--quantize", type=int, choices=[4, 8],
                      help="mlx: re-quantize the fused weights to 4 or 8 bits (mlx-lm's quantization); gguf: 8 = Q8_0.")
+    exp.add_argument("--ollama-base", metavar="NAME",
+                     help="gguf for a family Ollama imports adapters of (gemma2, mixtral), where an adapter and a "
+                          "Modelfile are written instead of a GGUF: the Modelfile's FROM, the base model as Ollama "
+                          "names it (e.g. gemma2:2b) or a GGUF file of it; without it, FROM is a placeholder to "
+                          "replace.")
     exp.add_argument("--to-lmstudio", action="store_true",
                      help="mlx on macOS: also copy the folder into LM Studio's models folder (~/.lmstudio/models).")
 

@@ -80,8 +80,8 @@ def test_export_refusals_before_writing(adapter: Path, engine_env: dict, tmp_pat
     done = cli(["export", "--adapter", str(adapter), "--format", "mlx", "--out", str(tmp_path / "m"), "--quantize",
                 "4", "--dequantize"], engine_env)
     assert done.returncode == 2 and "not both" in done.stderr
-    # The tiny model is a llama; a family the GGUF path does not cover is refused by name before anything is
-    # written (here: the converter may be missing too, but the family comes first).
+    # The tiny model is a llama; a family llama.cpp's converter does not cover is named by the converter's check
+    # (what --format gguf then writes or refuses, before anything is written: tests/test_ollama_adapter.py).
     config = json.loads((Path(json.loads((adapter / "adapter_config.json").read_text())["model"]) / "config.json")
                         .read_text())
     from lora_app.adapters.gguf import family_problem

@@ -6,8 +6,10 @@
     fuse.py     merge an adapter into its base model's weights
     check.py    after a fuse: the written model's logits against base + adapter; check.json
     gguf.py     llama.cpp's converter (fetched, pinned) and the GGUF read back against the fused weights
-    modelfile.py  an Ollama Modelfile with the model's chat template in Ollama's form
-    export.py   write an MLX (fused), GGUF or PEFT folder for other tools, checked, never overwriting
+    modelfile.py  an Ollama Modelfile with the model's chat template in Ollama's form (FROM a GGUF, or ADAPTER)
+    ollama_adapter.py  what Ollama's own adapter import takes (gemma2, mixtral): families, tensor names, checks
+    export.py   write an MLX (fused), GGUF (or Ollama adapter) or PEFT folder for other tools, checked, never
+                overwriting
     lmstudio.py   LM Studio's models folder, and a copy into it
     report.py   what `export` prints: each check's line from check.json
     card.py     a model card (README.md) and loss curve (PNG) from a run

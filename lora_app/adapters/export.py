@@ -3,7 +3,10 @@
     mlx   a fused model folder (LM Studio, mlx-lm, any MLX tool), optionally re-quantized to 4 or 8 bits with
           mlx-lm's own quantization; checked: its logits against base + adapter
     gguf  a GGUF for Ollama / llama.cpp from llama.cpp's own converter (gguf.py), with a Modelfile (modelfile.py);
-          checked: the fuse as above, and the GGUF's tensors read back against the fused weights
+          checked: the fuse as above, and the GGUF's tensors read back against the fused weights. For the families
+          Ollama imports adapters of and the converter does not cover (ollama_adapter.py: gemma2, mixtral), the
+          adapter itself instead: PEFT, the same file in a folder Ollama reads, a Modelfile with an ADAPTER line;
+          checked: PEFT read back, every tensor named as Ollama's converter expects
     peft  Hugging Face PEFT (peft.py's mapping); checked: the written tensors read back equal the adapter's
 
 `fused` is the old name of `mlx`. Exports never overwrite: they are written into a temporary folder next to the
@@ -23,11 +26,21 @@ from pathlib import Path
 from ..fileio import atomic_write, atomic_write_json, fsync_dir
 from .check import compare_logits, read_check, write_check
 from .fuse import fused_model, model_config
-from .gguf import GGUFError, compare_tensors, convert, family_problem, setup_problem
+from .gguf import GGUFError, compare_tensors, convert, setup_problem
 from .loader import read_tensors
-from .modelfile import write_modelfile
-from .peft import from_peft_tensors, peft_config_for, to_peft_tensors
-from .reader import CONFIG_FILE, PEFT_WEIGHTS, base_model_of, is_peft_folder, read_adapter
+from .modelfile import write_adapter_modelfile, write_modelfile
+from .ollama_adapter import (
+    OLLAMA_DIR,
+    PEFT_DIR,
+    base_problem,
+    gguf_format_problem,
+    ollama_check,
+    tensor_problem,
+    write_ollama_folder,
+    writes_adapter,
+)
+from .peft import from_peft_tensors, peft_config_for, peft_name, to_peft_tensors
+from .reader import CONFIG_FILE, PEFT_WEIGHTS, base_model_of, is_peft_folder, read_adapter, tensor_shapes
 
 FORMATS = ("mlx", "gguf", "peft")
 ALIASES = {"fused": "mlx"}  # the name before GGUF and quantized exports existed
@@ -40,21 +53,24 @@ class ExportError(ValueError):
 
 
 def export_adapter(adapter_dir: Path, fmt: str, out: Path, model: str | None = None, dequantize: bool = False,
-                   quantize: int | None = None) -> Path:
+                   quantize: int | None = None, ollama_base: str | None = None) -> Path:
     """Write `adapter_dir` (ours, mlx-lm's, or PEFT for mlx/gguf) to the new folder `out` as `fmt`; returns `out`.
-    The folder's check.json holds the checks made after writing."""
+    The folder's check.json holds the checks made after writing. `ollama_base`: the FROM of the Modelfile when
+    --format gguf writes an adapter for Ollama."""
     fmt = ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
         raise ExportError(f"--quantize {quantize}: choose 4 or 8 bits")
+    if ollama_base is not None and fmt != "gguf":
+        raise ExportError("--ollama-base applies to --format gguf only (the base model of an adapter for Ollama)")
     if fmt == "peft":
         if dequantize or quantize:
             raise ExportError("--dequantize and --quantize apply to --format mlx and gguf only (a PEFT adapter has "
                               "no base weights)")
         return export_peft(Path(adapter_dir), Path(out), base_model=model)
     if fmt == "gguf":
-        return export_gguf(Path(adapter_dir), Path(out), model=model, quantize=quantize)
+        return export_gguf(Path(adapter_dir), Path(out), model=model, quantize=quantize, ollama_base=ollama_base)
     return fuse_adapter(Path(adapter_dir), Path(out), model=model, dequantize=dequantize, quantize=quantize)
 
 
@@ -112,16 +128,24 @@ def fuse_adapter(adapter_dir: Path, out: Path, model: str | None = None, dequant
     return Path(out)
 
 
-def export_gguf(adapter_dir: Path, out: Path, model: str | None = None, quantize: int | None = None) -> Path:
+def export_gguf(adapter_dir: Path, out: Path, model: str | None = None, quantize: int | None = None,
+                ollama_base: str | None = None) -> Path:
     """The adapter fused into float weights, converted by llama.cpp's converter to out/<name>.gguf (16-bit, or
-    Q8_0 with quantize=8), read back and compared; plus a Modelfile for `ollama create`. Families the converter
-    and the check do not cover, and a missing converter, are refused before anything is written."""
+    Q8_0 with quantize=8), read back and compared; plus a Modelfile for `ollama create`. For a family Ollama
+    imports adapters of instead (export_ollama_adapter), the adapter and a Modelfile with an ADAPTER line. Families
+    neither covers, and a missing converter, are refused before anything is written."""
     from ..models import resolve_model
 
     base = base_of(adapter_dir, model)
-    problem = family_problem(model_config(resolve_model(base), dequantize=True), quantize) or setup_problem()
+    config = model_config(resolve_model(base), dequantize=False)
+    if writes_adapter(config):
+        return export_ollama_adapter(adapter_dir, out, base, config, quantize, ollama_base)
+    problem = gguf_format_problem(config, quantize) or setup_problem()
     if problem:
         raise ExportError(problem)
+    if ollama_base is not None:
+        raise ExportError(f"--ollama-base: a {config.get('model_type')} model is exported as a whole GGUF, which "
+                          "needs no base model in Ollama; leave --ollama-base out")
     check_free(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fused-"))
@@ -141,6 +165,36 @@ def export_gguf(adapter_dir: Path, out: Path, model: str | None = None, quantize
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def export_ollama_adapter(adapter_dir: Path, out: Path, base: str, config: dict, quantize: int | None = None,
+                          ollama_base: str | None = None) -> Path:
+    """For a family llama.cpp's converter does not cover but Ollama imports adapters of: out/peft (the PEFT export,
+    read back), out/ollama-adapter (the same file under the name Ollama looks for) and a Modelfile FROM
+    `ollama_base` (a placeholder when None) with ADAPTER ./ollama-adapter. Everything Ollama would refuse is
+    refused here before anything is written."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from ..models import resolve_model
+
+    if is_peft_folder(adapter_dir):
+        raise ExportError(f"{adapter_dir}: already a PEFT adapter; put it in a folder as model.safetensors with its "
+                          "adapter_config.json and write the Modelfile's ADAPTER line yourself")
+    settings = read_adapter(adapter_dir)
+    names = [peft_name(n) or n for n in tensor_shapes(settings.weights)]  # the header: no tensors loaded
+    problem = (gguf_format_problem(config, quantize) or base_problem(ollama_base)
+               or tensor_problem(names, settings.alpha))
+    if problem:
+        raise ExportError(problem)
+    with new_folder(out) as tmp:
+        peft_dir = export_peft(adapter_dir, tmp / PEFT_DIR, base_model=base)
+        ollama_dir = write_ollama_folder(peft_dir, tmp / OLLAMA_DIR)
+        tokenizer = load_tokenizer(Path(resolve_model(base)))
+        bits = (config.get("quantization") or {}).get("bits")
+        modelfile = write_adapter_modelfile(tmp, OLLAMA_DIR, ollama_base, base, tokenizer, out, bits)
+        write_check(tmp, {"ollama_adapter": ollama_check(ollama_dir, peft_dir, config["model_type"]),
+                          "peft": read_check(peft_dir)["peft"], "modelfile": modelfile})
+    return Path(out)
 
 
 def base_of(adapter_dir: Path, model: str | None) -> str:

@@ -9,7 +9,8 @@ enough); setup-gguf installs requirements-gguf.txt's pins into `<venv>/reference
 where the tests' PyTorch also lives. The read-back uses the `gguf` package pinned in requirements.txt.
 
 Families (FAMILIES): the model types whose mlx-lm weights keep the Hugging Face names and layout the converter
-reads, and whose tensors the check below maps back; anything else is refused before anything is written.
+reads, and whose tensors the check below maps back. For anything else --format gguf writes an adapter that Ollama
+converts itself where Ollama can (ollama_adapter.py), and is refused before anything is written where it cannot.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class GGUFError(ValueError):
 
 
 def family_problem(config: dict, quantize: int | None = None) -> str | None:
-    """Why this model cannot become a GGUF here (checked before anything is written), or None."""
+    """Why this model cannot become a GGUF here (checked before anything is written), or None. The whole answer
+    for --format gguf, Ollama's adapter import included, is ollama_adapter.gguf_format_problem."""
     kind = config.get("model_type", "?")
     if kind not in FAMILIES:
         return (f"GGUF export covers the model families {', '.join(sorted(FAMILIES))}; this model is {kind!r}. "

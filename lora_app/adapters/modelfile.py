@@ -1,5 +1,6 @@
-"""An Ollama Modelfile for an exported GGUF: FROM the file, the chat template in Ollama's Go template form, the
-stop tokens, the model's default system prompt, and the one-line `ollama create` command.
+"""An Ollama Modelfile for an exported GGUF (FROM the file) or for an adapter Ollama converts itself (FROM the base
+model as Ollama has it, ADAPTER the adapter's folder): the chat template in Ollama's Go template form, the stop
+tokens, the model's default system prompt, and the one-line `ollama create` command.
 
 The model's own (Jinja) chat template is recognised by rendering it: each known form (ChatML, Llama 3) is a few
 pieces, a turn `role, content -> text` and the assistant's prefix, and the form applies only when the Jinja
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 MODELFILE = "Modelfile"
+BASE_PLACEHOLDER = "<base model in Ollama>"  # not a name Ollama accepts, so `ollama create` stops on it
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,36 @@ def recognise(tokenizer: Any) -> tuple[ChatForm | None, str]:
 
 
 def modelfile_text(gguf_name: str, form: ChatForm | None, system: str = "") -> str:
-    lines = [f"FROM ./{gguf_name}"]
-    if form is None:
-        lines.append("# The model's chat template is of no form this app knows (ChatML, Llama 3): Ollama uses "
-                     "the one in the GGUF.")
+    return "\n".join([f"FROM ./{gguf_name}", *template_lines(form, system, "the one in the GGUF")]) + "\n"
+
+
+def adapter_modelfile_text(base: str | None, adapter_dir: str, trained_on: str, form: ChatForm | None,
+                           system: str = "", trained_bits: int | None = None) -> str:
+    """FROM the base model in Ollama (or a placeholder saying what to put there), ADAPTER ./adapter_dir."""
+    # Ollama's docs advise adapters trained on unquantized weights: a QLoRA adapter meets other rounding there
+    bits = ([f"# Trained on {trained_bits}-bit MLX weights; Ollama's base is quantized its own way, so answers can "
+             "differ a little."] if trained_bits else [])
+    if base:
+        head = [f"# Ollama adds the adapter to {base}, which must be the model it was trained on ({trained_on}).",
+                f"FROM {base}"]
     else:
-        lines.append(f"# Chat template: {form.name}, as the model's own template renders it.")
-        lines.append(f'TEMPLATE """{form.go_template()}"""')
-        if system:
-            lines.append(f'SYSTEM """{system}"""')
-        lines += [f'PARAMETER stop "{s}"' for s in form.stops]
-    return "\n".join(lines) + "\n"
+        head = [f"# FROM must name the model the adapter was trained on ({trained_on}) as Ollama has it:",
+                "# a name from ollama.com/library (such as gemma2:2b) or a GGUF file of it; Ollama cannot read the MLX",
+                "# folder it was trained on. Replace the next line, or export again with --ollama-base NAME.",
+                f"FROM {BASE_PLACEHOLDER}"]
+    fallback = "the FROM model's own"
+    return "\n".join([*head, *bits, f"ADAPTER ./{adapter_dir}", *template_lines(form, system, fallback)]) + "\n"
+
+
+def template_lines(form: ChatForm | None, system: str, fallback: str) -> list[str]:
+    """TEMPLATE, SYSTEM and the stops of a known chat form; for another form, a comment saying what Ollama uses."""
+    if form is None:
+        return [f"# The model's chat template is of no form this app knows (ChatML, Llama 3): Ollama uses {fallback}."]
+    lines = [f"# Chat template: {form.name}, as the model's own template renders it.",
+             f'TEMPLATE """{form.go_template()}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    return lines + [f'PARAMETER stop "{s}"' for s in form.stops]
 
 
 def write_modelfile(folder: Path, gguf_name: str, tokenizer: Any, final: Path) -> dict[str, Any]:
@@ -92,9 +113,28 @@ def write_modelfile(folder: Path, gguf_name: str, tokenizer: Any, final: Path) -
     form, the stops, the one-line ollama command."""
     form, system = recognise(tokenizer)
     (Path(folder) / MODELFILE).write_text(modelfile_text(gguf_name, form, system))
+    return {**modelfile_report(form, system, final),
+            "summary": f"Modelfile: chat template {form.name if form else 'from the GGUF (form not known here)'}"
+                       + (f", stops {', '.join(form.stops)}" if form else "")}
+
+
+def write_adapter_modelfile(folder: Path, adapter_dir: str, base: str | None, trained_on: str, tokenizer: Any,
+                            final: Path, trained_bits: int | None = None) -> dict[str, Any]:
+    """Write folder/Modelfile for an adapter Ollama converts (FROM `base`, or a placeholder when None); returns
+    what the export reports, with the FROM line and whether it still has to be filled in."""
+    form, system = recognise(tokenizer)
+    text = adapter_modelfile_text(base, adapter_dir, trained_on, form, system, trained_bits)
+    (Path(folder) / MODELFILE).write_text(text)
+    todo = None if base else (f"replace the FROM line of {Path(final).resolve() / MODELFILE} with {trained_on} as "
+                              "Ollama names it (or export again with --ollama-base NAME)")
+    return {**modelfile_report(form, system, final), "from": base, "adapter": f"./{adapter_dir}", "todo": todo,
+            "summary": f"Modelfile: FROM {base or BASE_PLACEHOLDER + ' (to be replaced)'}, ADAPTER ./{adapter_dir}, "
+                       f"chat template {form.name if form else 'from the FROM model (form not known here)'}"
+                       + (f", stops {', '.join(form.stops)}" if form else "")}
+
+
+def modelfile_report(form: ChatForm | None, system: str, final: Path) -> dict[str, Any]:
     name = re.sub(r"[^a-z0-9._-]+", "-", Path(final).name.lower()).strip("-.") or "my-model"
     return {"check": "Modelfile", "chat_template": form.name if form else None,
             "stops": list(form.stops) if form else [], "system": system,
-            "ollama": f"ollama create {name} -f {shlex.quote(str(Path(final).resolve() / MODELFILE))}",
-            "summary": f"Modelfile: chat template {form.name if form else 'from the GGUF (form not known here)'}"
-                       + (f", stops {', '.join(form.stops)}" if form else "")}
+            "ollama": f"ollama create {name} -f {shlex.quote(str(Path(final).resolve() / MODELFILE))}"}

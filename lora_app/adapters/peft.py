@@ -23,14 +23,21 @@ def to_peft_tensors(weights: dict[str, Any], folder: Path) -> dict[str, Any]:
     DoRA's magnitude `<path>.m` [out] -> `...<path>.lora_magnitude_vector` (PEFT's saved name)."""
     out = {}
     for name, w in sorted(weights.items()):
-        path, _, kind = name.rpartition(".")
-        if kind == "m":
-            out[f"{PREFIX}{path}.lora_magnitude_vector"] = w
-            continue
-        if kind not in ("lora_a", "lora_b"):
+        theirs = peft_name(name)
+        if theirs is None:
             raise AdapterError(f"{folder}: {name} is not a LoRA or DoRA tensor")
-        out[f"{PREFIX}{path}.lora_{kind[-1].upper()}.weight"] = w.T
+        out[theirs] = w if name.endswith(".m") else w.T
     return out
+
+
+def peft_name(name: str) -> str | None:
+    """PEFT's name for an mlx-lm adapter tensor (None: not a LoRA or DoRA tensor)."""
+    path, _, kind = name.rpartition(".")
+    if kind == "m":
+        return f"{PREFIX}{path}.lora_magnitude_vector"
+    if kind in ("lora_a", "lora_b"):
+        return f"{PREFIX}{path}.lora_{kind[-1].upper()}.weight"
+    return None
 
 
 def from_peft_tensors(tensors: dict[str, Any], folder: Path) -> dict[str, Any]:

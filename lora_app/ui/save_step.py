@@ -14,10 +14,12 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from .. import hub
 from ..adapters.check import read_check
 from ..adapters.export import ExportError, check_free
-from ..adapters.gguf import family_problem, setup_problem
+from ..adapters.gguf import setup_problem
 from ..adapters.lmstudio import copy_offered, copy_to_lmstudio, models_dir
+from ..adapters.ollama_adapter import gguf_format_problem, writes_adapter
 from ..adapters.push import REPO_ID
 from ..adapters.reader import AdapterError, AdapterSettings, read_adapter
 from ..adapters.report import check_lines
@@ -74,20 +76,32 @@ WEIGHTS = {"as the base model": [], "float": ["--dequantize"], "8-bit": ["--quan
 
 
 def gguf_problem(folder: str, weights: str) -> str | None:
-    """Why a GGUF export of this adapter cannot be made here, before anything is written (None: it can, or the
-    base model's config is not on this machine, which the export itself then reports)."""
-    if weights == "4-bit":
-        return family_problem({"model_type": "llama"}, quantize=4)
+    """Why neither a GGUF nor an adapter for Ollama can be made of this adapter, before anything is written (None:
+    one can, or the base model's config is not on this machine, which the export itself then reports). An adapter
+    for Ollama needs no converter; a GGUF does."""
+    quantize = {"8-bit": 8, "4-bit": 4}.get(weights)
+    config = base_config(folder)
+    problem = gguf_format_problem(config or {"model_type": "llama"}, quantize)
+    needs_converter = config is None or not writes_adapter(config)
+    return problem or (setup_problem() if needs_converter else None)
+
+
+def base_config(folder: str) -> dict | None:
+    """The config.json of the adapter's base model where it is on this machine (a folder, or a hub repo in the
+    cache), else None."""
     try:
-        base = Path(read_adapter(Path(folder).expanduser()).base_model).expanduser()
-        config = json.loads((base / "config.json").read_text())
+        base = read_adapter(Path(folder).expanduser()).base_model
+        path = Path(base).expanduser()
+        if not path.is_dir() and hub.is_repo_id(base):
+            path = hub.cached_model(base) or path
+        return json.loads((path / "config.json").read_text())
     except (AdapterError, OSError, ValueError):
-        config = None
-    return (family_problem(config) if config else None) or setup_problem()
+        return None
 
 
-def export_adapter(folder: str | None, fmt: str, out: str, weights: str) -> tuple[str, dict]:
-    """Run `python -m lora_app export`; the result is the folder's check.json as lines (with the ollama command)."""
+def export_adapter(folder: str | None, fmt: str, out: str, weights: str, ollama_base: str = "") -> tuple[str, dict]:
+    """Run `python -m lora_app export`; the result is the folder's check.json as lines (with the ollama command).
+    GGUF of a family Ollama imports adapters of: the adapter and a Modelfile, FROM `ollama_base` when given."""
     hidden = gr.update(visible=False)
     if not folder or not (out or "").strip():
         return warned("Export: choose an adapter and type an output folder."), hidden
@@ -100,12 +114,17 @@ def export_adapter(folder: str | None, fmt: str, out: str, weights: str) -> tupl
     if problem:
         return warned(f"Export gguf: {problem}"), hidden
     flags = WEIGHTS.get(weights, []) if fmt != "peft" else []
+    config = base_config(folder)
+    if fmt == "gguf" and (ollama_base or "").strip() and (config is None or writes_adapter(config)):
+        flags.append(f"--ollama-base={ollama_base.strip()}")  # a whole GGUF needs no base: never sent for one
     try:  # '=': a value that starts with '-' never reads as a flag
         engine.cli("export", f"--adapter={folder}", f"--format={fmt}", f"--out={target}", *flags, timeout=3600)
     except engine.EngineError as e:
         return warned(f"Export {fmt}: {e}"), hidden
-    lines = [f"Exported to `{target}`.", *(f"- {line}" for line in check_lines(target))]
-    if not (read_check(target) or {}).get("ok", True):
+    checks = read_check(target) or {}
+    made = " as an adapter for Ollama with its Modelfile, not a GGUF" if "ollama_adapter" in checks else ""
+    lines = [f"Exported to `{target}`{made}.", *(f"- {line}" for line in check_lines(target))]
+    if not checks.get("ok", True):
         gr.Warning(f"Export {fmt}: a check after writing failed; see the lines under the button")
     offer = fmt == "mlx" and copy_offered()
     if fmt == "mlx" and not offer:
@@ -181,6 +200,9 @@ def build(ctx: Context) -> SimpleNamespace:
         fmt = gr.Radio(FORMATS, value="mlx", label="Export as", elem_id="export-format")
         weights = gr.Radio(list(WEIGHTS), value="as the base model", label="Weights (MLX; GGUF: float or 8-bit)",
                            elem_id="export-weights")
+    ollama_base = gr.Textbox(label="Ollama base model, for GGUF of gemma2 / mixtral (written as an adapter + "
+                                   "Modelfile): the base as Ollama names it, e.g. gemma2:2b; empty: fill in FROM later",
+                             elem_id="export-ollama-base")
     with gr.Row():
         out = gr.Textbox(label="Export to folder", scale=3, elem_id="export-out")
         export = gr.Button("Export", scale=0, elem_id="export")
@@ -200,7 +222,8 @@ def build(ctx: Context) -> SimpleNamespace:
     refresh.click(lambda: gr.update(choices=adapter_choices(ctx.runs_dir)), None, adapter,
                   api_name="refresh_adapters")
     save.click(save_copy, [adapter, dest], status, api_name="save_adapter")
-    export.click(export_adapter, [adapter, fmt, out, weights], [export_md, lmstudio], api_name="export_adapter")
+    export.click(export_adapter, [adapter, fmt, out, weights, ollama_base], [export_md, lmstudio],
+                 api_name="export_adapter")
     lmstudio.click(copy_lmstudio, out, export_md, api_name="copy_lmstudio")
     push.click(push_adapter, [adapter, repo, token, private, push_fmt], push_md, api_name="push_adapter")
     return SimpleNamespace(adapter=adapter, use=use, load=load, refresh=refresh)
