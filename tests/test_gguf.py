@@ -3,21 +3,25 @@ read back by llama.cpp's `gguf` package with a name table written here, independ
 with the fused weights; the export's own check catches a changed tensor; the Modelfile carries the chat template;
 the 4-bit MLX export answers as the adapter; llama.cpp itself, where llama-cpp-python is installed.
 
-The adapter is a real one, so that greedy answers mean something: tests/data/demo-dates-adapter, trained on the
-demo task by `python -m lora_app train --model demo --data demo --out RUN --iters 30 --learning-rate 2e-3 --layers
-last:8 --mask-prompt --steps-per-eval 0 --save-every 30` (2 min on 2 CPU cores; its config's model set to "demo").
-It answers "Write 17 March 2023 as YYYY-MM-DD." with 2023-03-11, the base model with 12/2023.
+The adapter is a real one, so that greedy answers mean something: the `dates_adapter` fixture trains it on the demo
+task with our CLI, `python -m lora_app train --model demo --data demo --out RUN --iters 30 --learning-rate 2e-3
+--layers last:8 --mask-prompt --steps-per-eval 0 --save-every 30` (about 2.5 min on 2 CPU cores), once per test
+session: the xdist workers share it through a file lock. Training is deterministic (the run's seed), so it answers
+"Write 17 March 2023 as YYYY-MM-DD." with 2023-03-11 every time, the base model with 12/2023.
 
-Slow (about a minute and a half): the real model, fused three times, converted once. The converter's first fetch
-takes ~20 s more."""
+Slow (about a minute and a half after the training): the real model, fused three times, converted once. The
+converter's first fetch takes ~20 s more."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import runhelp
 from test_demo import _llama_cpp_permute
 
 from lora_app import demo
@@ -28,7 +32,9 @@ BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
-ADAPTER = Path(__file__).resolve().parent / "data" / "demo-dates-adapter"
+TRAIN = ["train", "--model", "demo", "--data", "demo", "--iters", "30", "--learning-rate", "2e-3", "--layers", "last:8",
+         "--mask-prompt", "--steps-per-eval", "0", "--save-every", "30"]
+cli = functools.partial(runhelp.cli, timeout=900)  # 30 steps of the real model on a busy 2-core machine
 
 
 def hf_name(gguf_name: str) -> str:
@@ -38,20 +44,43 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{block}.{BLOCK[part]}.{kind}"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(adapter, GGUF export folder, the same adapter fused to float weights as a folder)."""
+def session_folder(tmp_path_factory) -> Path:
+    """A folder the whole test session shares: under xdist each worker has its own basetemp, all in one parent."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def dates_adapter(tmp_path_factory, engine_env: dict) -> Path:
+    """The demo task's adapter, trained by our CLI once per session (the first worker trains, the others wait on
+    the lock); trained into a temporary run folder and renamed, so a failed run is never taken for a finished one."""
+    from filelock import FileLock
+
     try:
         demo.gguf_path()
     except RuntimeError as e:
         pytest.skip(str(e))
+    shared = session_folder(tmp_path_factory)
+    run = shared / "demo-dates-run"
+    with FileLock(str(shared / "demo-dates-run.lock")):
+        if not run.is_dir():
+            partial = shared / f"demo-dates-run.{os.getpid()}"
+            done = cli([*TRAIN, "--out", str(partial)], engine_env)
+            assert done.returncode == 0, done.stderr[-2000:]
+            os.replace(partial, run)
+    return run / "adapters"
+
+
+@pytest.fixture(scope="module")
+def exported(dates_adapter: Path, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(adapter, GGUF export folder, the same adapter fused to float weights as a folder)."""
     from lora_app.adapters.gguf import setup
 
     setup(log=lambda _m: None)
     tmp = tmp_path_factory.mktemp("gguf")
-    out = export_adapter(ADAPTER, "gguf", tmp / "smol-dates")
-    fused = export_adapter(ADAPTER, "mlx", tmp / "fused", dequantize=True)
-    return ADAPTER, out, fused
+    out = export_adapter(dates_adapter, "gguf", tmp / "smol-dates")
+    fused = export_adapter(dates_adapter, "mlx", tmp / "fused", dequantize=True)
+    return dates_adapter, out, fused
 
 
 @pytest.mark.slow
