@@ -32,7 +32,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .head_loss import CHUNK_BYTES
 from .span_attention import CHUNK as SPAN_CHUNK
@@ -251,16 +251,29 @@ def verdict(total_bytes: float, available_bytes: float) -> str:
     return "tight" if total_bytes > TIGHT * available_bytes else "fits"
 
 
+class Change(NamedTuple):
+    """A change to a run's settings that fits its memory: what to tell the user, the new estimate, and the settings
+    it changes (grad_checkpoint, batch_size, max_seq_length, blocks_trained)."""
+
+    words: str
+    estimate: dict[str, int]
+    settings: dict[str, Any]
+
+
 def fitting_change(info: Any, trainable_params: int, batch_size: int, max_seq_length: int, grad_checkpoint: bool,
-                   available: float, **kw: Any) -> tuple[str, dict[str, int]] | None:
-    """The one change that brings the estimate within `available`, tried in this order: gradient checkpointing,
-    the largest smaller batch, the longest shorter max sequence length (a bucket), the most blocks (the last N)
-    that fit; (what to do, its estimate), or None when no single change is enough. `kw`: estimate_training_memory's
-    keyword arguments."""
-    def est(**changes: Any) -> dict[str, int]:
+                   available: float, **kw: Any) -> Change | None:
+    """The change that brings the estimate within `available`, or None. Tried in this order, from what changes
+    the training least: gradient checkpointing; the largest smaller batch; both (checkpointing with the largest
+    batch that fits: a 16 GB Mac training an 8B model lands here); the longest shorter max sequence length (a
+    bucket: longer rows are cut); checkpointing with one row and the longest length that fits; the most blocks
+    (the last N) that fit, which changes what is trained. `kw`: estimate_training_memory's keyword arguments."""
+    from .batching import bucket_lengths
+
+    def attempt(words: str, **settings: Any) -> Change | None:
         args = {"trainable_params": trainable_params, "batch_size": batch_size, "max_seq_length": max_seq_length,
-                "grad_checkpoint": grad_checkpoint, **kw, **changes}
-        return estimate_training_memory(info, **args)
+                "grad_checkpoint": grad_checkpoint, **kw, **settings}
+        estimate = estimate_training_memory(info, **args)
+        return Change(words, estimate, settings) if estimate["total"] <= available else None
 
     def largest(low: int, high: int, fits: Any) -> int | None:
         """The largest n in [low, high] with fits(n), for fits that hold up to some n and not above."""
@@ -271,24 +284,35 @@ def fitting_change(info: Any, trainable_params: int, batch_size: int, max_seq_le
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
         return low
 
-    if not grad_checkpoint and (e := est(grad_checkpoint=True))["total"] <= available:
-        return "gradient checkpointing", e
-    batch = largest(1, int(batch_size) - 1, lambda b: est(batch_size=b)["total"] <= available)
-    if batch:
-        return f"batch size {batch}", est(batch_size=batch)
-    from .batching import bucket_lengths
+    def longest(words: str, **settings: Any) -> Change | None:
+        """The longest bucket below the data's width that fits with `settings`."""
+        width = batch_width(max_seq_length, kw.get("longest_row"))
+        for length in sorted((b for b in bucket_lengths(width) if b < width), reverse=True):
+            if found := attempt(words.format(length=length), max_seq_length=length, **settings):
+                return found
+        return None
 
-    width = batch_width(max_seq_length, kw.get("longest_row"))
-    for length in sorted((b for b in bucket_lengths(width) if b < width), reverse=True):
-        if (e := est(max_seq_length=length))["total"] <= available:
-            return f"max sequence length {length}", e
+    if not grad_checkpoint and (found := attempt("gradient checkpointing", grad_checkpoint=True)):
+        return found
+    if batch := largest(1, int(batch_size) - 1, lambda b: attempt("", batch_size=b) is not None):
+        return attempt(f"batch size {batch}", batch_size=batch)
+    ckpt = "gradient checkpointing"
+    if not grad_checkpoint and (batch := largest(1, int(batch_size) - 1, lambda b: attempt(
+            "", grad_checkpoint=True, batch_size=b) is not None)):
+        return attempt(f"{ckpt} and batch size {batch}", grad_checkpoint=True, batch_size=batch)
+    if found := longest("max sequence length {length}"):
+        return found
+    if not grad_checkpoint and (found := longest(ckpt + ", batch size 1 and max sequence length {length}",
+                                                 grad_checkpoint=True, batch_size=1)):
+        return found
     blocks = int(kw.get("blocks_trained") or model_shape(info).blocks)
 
-    def on_last(n: int) -> dict[str, int]:  # LoRA's parameters scale with the blocks
-        return est(blocks_trained=n, trainable_params=int(trainable_params) * n // max(blocks, 1))
+    def on_last(n: int) -> Change | None:  # LoRA's parameters scale with the blocks
+        return attempt(f"LoRA on the last {n} blocks only (layers last:{n})", blocks_trained=n,
+                       trainable_params=int(trainable_params) * n // max(blocks, 1))
 
-    n = largest(1, blocks - 1, lambda n: on_last(n)["total"] <= available)
-    return (f"LoRA on the last {n} blocks only (layers last:{n})", on_last(n)) if n else None
+    n = largest(1, blocks - 1, lambda n: on_last(n) is not None)
+    return on_last(n) if n else None
 
 
 def available_memory() -> tuple[int, str]:
@@ -329,7 +353,7 @@ def parts_text(estimate: dict[str, int]) -> str:
 
 
 def memory_warning(estimate: dict[str, int], available: int, source: str = "", limit: int = 0,
-                   change: tuple[str, dict[str, int]] | None = None) -> str | None:
+                   change: Change | None = None) -> str | None:
     """A plain warning when the estimate exceeds what the machine (or the memory limit) gives, else None;
     `change`: fitting_change()'s answer for that budget."""
     budget, where = available, source or "available memory"
@@ -337,7 +361,7 @@ def memory_warning(estimate: dict[str, int], available: int, source: str = "", l
         budget, where = limit, "the memory limit (memory_limit_gb)"
     if not budget or estimate["total"] <= budget:
         return None
-    advice = (f"With {change[0]} it would need {parts_text(change[1])}." if change else
+    advice = (f"With {change.words} it would need {parts_text(change.estimate)}." if change else
               f"No single change fits it: {MEMORY_ADVICE}")
     return f"this run may need {parts_text(estimate)}, more than the {human(budget)} from {where}. {advice}"
 

@@ -72,6 +72,7 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     from .runs import prepare_run_folder
 
     started = time.perf_counter()
+    lap = Laps()
     rank, size = world()
     t = cfg.train
     if rank == 0:
@@ -82,7 +83,9 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     # The adapter names a hub model by its repo id (portable), anything else by its folder.
     base_model = cfg.model.model if is_hub_id(cfg.model.model) else base_path
     model, tokenizer = load_model(base_path, cfg.model.dequantize)
+    lap("model")
     data = for_objective(load_data(cfg.data, tokenizer, batch_size=t.batch_size), t.objective)
+    lap("data")
     for note in data.notes:
         reporter.event("info", message=note)
     targets = apply_lora(model, cfg.lora, seed=t.seed)
@@ -100,12 +103,32 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
         start_from_adapter(s, targets, base_model, reporter)
     if t.grad_checkpoint:
         checkpoint_blocks(model.layers[0])
+    lap("adapters and plan")
     n = trainable_parameter_count(model)
     reporter.event("info", message=f"trainable parameters: {n:,} ({len(targets.module_paths())} modules); "
                                    f"{plan.steps_per_epoch()} steps per epoch; {total_steps} steps",
                    trainable_params=n, steps_per_epoch=plan.steps_per_epoch(), data_format=data.format)
     check_memory(s, n, reporter)
+    lap("memory check")
+    reporter.event("info", message=f"ready to train in {time.perf_counter() - started:.1f} s ({lap.text()})",
+                   startup=lap.seconds)
     return s
+
+
+class Laps:
+    """Seconds spent in each named phase, one after another (what start-up spends its time on)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.mark = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.mark, 3)
+        self.mark = now
+
+    def text(self) -> str:
+        return ", ".join(f"{name} {sec:.1f} s" for name, sec in self.seconds.items())
 
 
 def for_objective(data: Any, objective: str) -> Any:

@@ -115,16 +115,16 @@ def test_the_one_change_fits_and_is_tried_in_order() -> None:
     kw = {"longest_row": 2000, "backend": "cpu"}
     full = estimate_training_memory(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, **kw)
     ckpt = estimate_training_memory(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, grad_checkpoint=True, **kw)
-    what, new = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, False, ckpt["total"] + 1, **kw)
+    what, new, _ = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, False, ckpt["total"] + 1, **kw)
     assert what == "gradient checkpointing" and new == ckpt and ckpt["total"] < full["total"]
     # Checkpointing already on: the largest batch that fits.
     two, three = (estimate_training_memory(DEMO_INFO, DEMO_TRAINABLE, b, 2048, True, **kw)["total"] for b in (2, 3))
     budget = (two + three) / 2
-    what, new = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, True, budget, **kw)
+    what, new, _ = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, True, budget, **kw)
     assert what == "batch size 2" and new["total"] <= budget
     # Not even one row of 2048 fits: the longest bucket that fits the batch of 4.
     budget = estimate_training_memory(DEMO_INFO, DEMO_TRAINABLE, 1, 2048, True, **kw)["total"] - 1
-    what, new = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, True, budget, **kw)
+    what, new, _ = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 4, 2048, True, budget, **kw)
     longer = {768: 1024, 1024: 1536, 512: 768, 384: 512}[new["width"]]
     assert what == f"max sequence length {new['width']}" and new["total"] <= budget
     assert estimate_training_memory(DEMO_INFO, DEMO_TRAINABLE, 4, longer, True, **kw)["total"] > budget
@@ -138,7 +138,7 @@ def test_fewer_blocks_is_the_last_resort() -> None:
     """A budget that only LoRA on fewer (later) blocks meets: the gradient then stops at the first adapted block."""
     kw = {"longest_row": 64, "backend": "cpu", "blocks_trained": 30}
     smallest = estimate_training_memory(DEMO_INFO, DEMO_TRAINABLE, 1, 32, True, **kw)["total"]
-    what, new = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 1, 32, True, smallest - 1, **kw)
+    what, new, _ = fitting_change(DEMO_INFO, DEMO_TRAINABLE, 1, 32, True, smallest - 1, **kw)
     assert what.startswith("LoRA on the last ") and new["total"] <= smallest - 1
 
 

@@ -67,8 +67,8 @@ def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int
     if available and est["total"] > available:
         change = fitting_change(info, trainable, int(batch_size), int(max_seq_length), bool(grad_checkpoint),
                                 available, **kw)
-        advice = (f"with {change[0]} it would be about {human_bytes(change[1]['total'])} (activations "
-                  f"{human_bytes(change[1]['activations'])})" if change else
+        advice = (f"with {change.words} it would be about {human_bytes(change.estimate['total'])} (activations "
+                  f"{human_bytes(change.estimate['activations'])})" if change else
                   f"no single change fits it. {MEMORY_ADVICE}")
         text = f"⚠️ {text}. That is more than the {human_bytes(available)} of memory available now: {advice}"
     return text
