@@ -362,7 +362,7 @@ def memory_warning(estimate: dict[str, int], available: int, source: str = "", l
     if not budget or estimate["total"] <= budget:
         return None
     advice = (f"With {change.words} it would need {parts_text(change.estimate)}." if change else
-              f"No single change fits it: {MEMORY_ADVICE}")
+              f"None of the changes the app tries fits it: {MEMORY_ADVICE}")
     return f"this run may need {parts_text(estimate)}, more than the {human(budget)} from {where}. {advice}"
 
 

@@ -243,7 +243,12 @@ def test_adapter_summary_estimates_training_memory(monkeypatch):
     assert "batch 4 × 128 tokens" in short_rows and "longest row has 100 tokens" in short_rows
     huge = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 512, 32768, False)
     assert "\n\n⚠️ **Training memory**" in huge and "more than the 23.6 GB" in huge
-    assert "no single change fits it" in huge  # 512 rows are too many even at the shortest length
+    # 512 rows are too many for any one change: checkpointing with one row at a shorter length
+    assert "with gradient checkpointing, batch size 1 and max sequence length 16384 it would be about" in huge
+    monkeypatch.setattr(estimates.engine, "memory_available_gb", lambda: 0.05)  # less than the weights
+    hopeless = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, False)
+    assert "none of the changes the app tries fits it" in hopeless
+    monkeypatch.setattr(estimates.engine, "memory_available_gb", lambda: 23.6)
     big = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 8, 2048, False)
     assert "⚠️" in big and "with gradient checkpointing it would be about" in big
 

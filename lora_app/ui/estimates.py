@@ -69,6 +69,6 @@ def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int
                                 available, **kw)
         advice = (f"with {change.words} it would be about {human_bytes(change.estimate['total'])} (activations "
                   f"{human_bytes(change.estimate['activations'])})" if change else
-                  f"no single change fits it. {MEMORY_ADVICE}")
+                  f"none of the changes the app tries fits it. {MEMORY_ADVICE}")
         text = f"⚠️ {text}. That is more than the {human_bytes(available)} of memory available now: {advice}"
     return text
