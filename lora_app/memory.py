@@ -1,4 +1,4 @@
-"""A memory estimate for a training run, what the machine can give, and the one change that makes a run fit.
+"""A memory estimate for a training run, what the machine can give, and the change that makes a run fit.
 
 The estimate is what a LoRA step holds at its peak (the start of the backward pass) as MLX runs it:
 - weights: the frozen base as the trainer holds it on the backend (models.load_model): a quantized model stays
