@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/compare_cli.py [--layers 4 --hidden 256 ...] [--out bench/out] [--write FILE.md]
 
-Builds a tiny-but-not-trivial llama (tests/tiny.py, random weights) and two datasets: uniform-length text rows
-and mixed-length chat rows (10-1000 tokens). Each dataset is trained for exactly one epoch by
+Builds a tiny-but-not-trivial llama (tests/tiny.py, random weights) and three datasets: uniform-length text rows,
+mixed-length chat rows (10-1000 tokens) and short chat rows (16-160 tokens). Each dataset is trained for exactly
+one epoch by
 - mlx-lm: `python -m mlx_lm lora --train --config <yaml>` (same model, data, rank, scale, keys, layers, batch size,
   learning rate, schedule, max_seq_length),
 - ours, padded batches: the same rows per step, the same number of steps, so the same tokens,
@@ -11,7 +12,9 @@ and mixed-length chat rows (10-1000 tokens). Each dataset is trained for exactly
 Both processes get OpenBLAS preloaded (runs.engine_env()). Tokens count only those that carry loss (mlx-lm also
 trains on one padding token after each row; that token is not counted for it). Throughput is the wall-clock
 rate after the first step: trained tokens after step 1 / (last train report - end of step 1), for both sides
-taken from the time each report line appears (mlx-lm's stdout) or is written (our events.jsonl).
+taken from the time each report line appears (mlx-lm's stdout) or is written (our events.jsonl). The speed-up
+is mlx-lm's whole wall time (start to adapter) over ours. `--repeat N` runs the sides of each dataset in turn N
+times and reports each side's median run (by wall time).
 """
 
 from __future__ import annotations
@@ -76,7 +79,23 @@ def build_data(out: Path, tokenizer, args) -> dict[str, Path]:
                            {"role": "assistant", "content": words(rng, 6)}]} for _ in range(args.batch_size)]
     write(folder, rows, valid)
     made["mixed"] = folder
+    made["short"] = chat_rows(out / "short", rng, args.short_rows, args.short_min, args.short_max, args.batch_size)
     return made
+
+
+def chat_rows(folder: Path, rng: random.Random, n: int, min_len: int, max_len: int, n_valid: int) -> Path:
+    """One-turn chat rows whose lengths (template included) spread evenly over [min_len, max_len]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for _ in range(n):
+        body = max(rng.randint(min_len, max_len) - 10, 2)  # the template adds ~10 tokens for two turns
+        k = rng.randint(1, body - 1)
+        rows.append({"messages": [{"role": "user", "content": words(rng, k)},
+                                  {"role": "assistant", "content": words(rng, body - k)}]})
+    valid = [{"messages": [{"role": "user", "content": words(rng, 6)},
+                           {"role": "assistant", "content": words(rng, 6)}]} for _ in range(n_valid)]
+    write(folder, rows, valid)
+    return folder
 
 
 def write(folder: Path, train: list[dict], valid: list[dict]) -> None:
@@ -247,15 +266,17 @@ def fmt_gb(x: float | None) -> str:
 
 def table(results: dict, stats: dict) -> str:
     lines = ["| data | side | steps | trained tokens | tokens/s (after step 1) | ratio ours/mlx-lm | "
-             "time to first step (s) | total wall (s) | peak RSS (GB) | MLX peak (GB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "time to first step (s) | total wall (s) | speed-up (wall) | walls of the runs (s) | peak RSS (GB) | "
+             "MLX peak (GB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for name, sides in results.items():
         base = sides["mlx-lm"]
         for side, r in sides.items():
-            ratio = "1.00" if side == "mlx-lm" else f"**{r['tok_s'] / base['tok_s']:.2f}×**"
+            ratio = "1.00" if side == "mlx-lm" else f"{r['tok_s'] / base['tok_s']:.2f}×"
+            speedup = "1.00" if side == "mlx-lm" else f"**{base['wall_s'] / r['wall_s']:.2f}×**"
+            walls = ", ".join(f"{w:.1f}" for w in r.get("walls", [r["wall_s"]]))
             lines.append(f"| {name} | {side} | {r['steps']} | {r['tokens']:,.0f} | {r['tok_s']:,.0f} | {ratio} | "
-                         f"{r['first_step_s']:.2f} | {r['wall_s']:.1f} | {fmt_gb(r['max_rss_gb'])} | "
-                         f"{fmt_gb(r['mlx_peak_gb'])} |")
+                         f"{r['first_step_s']:.2f} | {r['wall_s']:.1f} | {speedup} | {walls} | "
+                         f"{fmt_gb(r['max_rss_gb'])} | {fmt_gb(r['mlx_peak_gb'])} |")
     lines.append("")
     for name, s in stats.items():
         lines.append(f"- {name}: {s['rows']} rows, tokens per row {s['min']}–{s['max']} (mean {s['mean']:.0f}); "
@@ -302,7 +323,12 @@ def main() -> None:
     ap.add_argument("--mixed-rows", type=int, default=160)
     ap.add_argument("--min-len", type=int, default=10)
     ap.add_argument("--max-len", type=int, default=1000)
-    ap.add_argument("--datasets", default="uniform,mixed")
+    ap.add_argument("--short-rows", type=int, default=320)
+    ap.add_argument("--short-min", type=int, default=16)
+    ap.add_argument("--short-max", type=int, default=160)
+    ap.add_argument("--datasets", default="uniform,mixed,short")
+    ap.add_argument("--modes", default="padded,packed", help="our batching modes to run")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every side; the table shows each side's median")
     ap.add_argument("--app", action="store_true", help="Also run ours through runs.start_training + a poller.")
     ap.add_argument("--write", help="Append the tables to this markdown file.")
     args = ap.parse_args()
@@ -322,13 +348,16 @@ def main() -> None:
     for name in args.datasets.split(","):
         data = folders[name]
         stats[name] = s = plan_stats(model, data, args)
-        sides = {}
-        sides["mlx-lm"] = run_mlx_lm(model, data, out / f"{name}-mlx_lm", s["padded"]["steps"], args, env)
-        print(f"{name} mlx-lm: {sides['mlx-lm']['tok_s']:,.0f} tok/s", flush=True)
-        for mode in ("padded", "packed"):
-            sides[f"ours {mode}"] = run_ours(model, data, out / f"{name}-ours-{mode}", s[mode]["steps"], mode,
-                                             args, env)
-            print(f"{name} ours {mode}: {sides[f'ours {mode}']['tok_s']:,.0f} tok/s", flush=True)
+        runs_of: dict[str, list[dict]] = {}
+        for _ in range(args.repeat):  # the sides in turn, so a slow spell of a shared machine hits each alike
+            runs_of.setdefault("mlx-lm", []).append(
+                run_mlx_lm(model, data, out / f"{name}-mlx_lm", s["padded"]["steps"], args, env))
+            for mode in args.modes.split(","):
+                runs_of.setdefault(f"ours {mode}", []).append(
+                    run_ours(model, data, out / f"{name}-ours-{mode}", s[mode]["steps"], mode, args, env))
+            print(f"{name}: " + ", ".join(f"{side} {r[-1]['wall_s']:.1f} s" for side, r in runs_of.items()),
+                  flush=True)
+        sides = {side: median_run(r) for side, r in runs_of.items()}
         if args.app:
             sides["ours packed, via app + poller"] = run_ours(model, data, out / f"{name}-app", s["packed"]["steps"],
                                                               "packed", args, env, via_app=True)
@@ -358,6 +387,12 @@ def main() -> None:
     if args.write:
         with open(args.write, "a", encoding="utf-8") as f:
             f.write(text + "\n")
+
+
+def median_run(runs_of_side: list[dict]) -> dict:
+    """The run with the median wall time (the lower middle one of an even count), with every run's wall."""
+    ordered = sorted(runs_of_side, key=lambda r: r["wall_s"])
+    return dict(ordered[(len(ordered) - 1) // 2], walls=[r["wall_s"] for r in runs_of_side])
 
 
 def mx_version() -> str:

@@ -36,7 +36,7 @@ class Batch:
     tokens: np.ndarray  # [rows, T + 1] int32; the model sees tokens[:, :-1] and predicts tokens[:, 1:]
     weights: np.ndarray  # [rows, T] float32, 1 where the target token carries loss
     segments: np.ndarray | None = None  # [rows, T] int32 sequence ids for packed rows, else None
-    # Each row's sequences as (start, end) positions of the model's input, for span attention on the CPU
+    # With segments: each row's sequences as (start, end) positions of the model's input (span_attention.py)
     spans: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     @property
@@ -115,7 +115,7 @@ class BatchPlan:
             n = self.lengths[i]
             tokens[r, :n] = t[:n]
             weights[r, : n - 1] = w[1:n]
-        return Batch(tokens, weights, spans=tuple(((0, min(self.lengths[i], width)),) for i in indices))
+        return Batch(tokens, weights)
 
     def _packed_batch(self, rows: list[list[int]]) -> Batch:
         width = self.row_length()
@@ -137,7 +137,7 @@ class BatchPlan:
         if max(len(row) for row in rows) == 1:
             # One sequence per row: plain causal attention is exact (a sequence never sees the padding after
             # it), and the model keeps its fused causal attention instead of an array mask.
-            return Batch(tokens, weights, spans=tuple(spans))
+            return Batch(tokens, weights)
         # Padding tail: its own segment per row, so its queries still see one key (no empty softmax rows).
         segments[segments < 0] = 1_000_000
         return Batch(tokens, weights, segments[:, :-1], tuple(spans))

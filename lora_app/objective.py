@@ -99,8 +99,8 @@ def loss_fn(model: Any, tokens: Any, weights: Any, segments: Any = None, head: H
 
 def batch_arrays(batch: Batch, spans: bool = False) -> tuple:
     """A batch as the arrays loss() takes: tokens, weights, for preference pairs the answer of each token
-    (pairs.PairBatch.owners) and, for packed rows, segment ids; with `spans`, every batch's sequence spans
-    (span_attention.Spans) in place of the segment ids."""
+    (pairs.PairBatch.owners) and, for packed rows of several sequences, segment ids, or with `spans` their spans
+    (span_attention.Spans)."""
     import mlx.core as mx
 
     from .span_attention import Spans
@@ -108,9 +108,9 @@ def batch_arrays(batch: Batch, spans: bool = False) -> tuple:
     arrays = (mx.array(batch.tokens), mx.array(batch.weights))
     owners = getattr(batch, "owners", None)
     arrays += (mx.array(owners),) if owners is not None else ()
-    if spans:
-        return arrays + (Spans(batch.spans),)
-    return arrays + ((mx.array(batch.segments),) if batch.segments is not None else ())
+    if batch.segments is None:
+        return arrays
+    return arrays + ((Spans(batch.spans),) if spans else (mx.array(batch.segments),))
 
 
 def evaluate(model: Any, batches: list[Batch], head: Head | None = None,

@@ -64,6 +64,7 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     newest readable checkpoint; else start from `init_adapter` when one is given. Raises on any problem."""
     import mlx.core as mx
 
+    from . import dequantized_matmul
     from .adapters import adapter_config
     from .data import load_data
     from .head_loss import find_head
@@ -83,6 +84,8 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     # The adapter names a hub model by its repo id (portable), anything else by its folder.
     base_model = cfg.model.model if is_hub_id(cfg.model.model) else base_path
     model, tokenizer = load_model(base_path, cfg.model.dequantize)
+    if dequantized_matmul.wanted():
+        dequantized_matmul.install(model)
     lap("model")
     data = for_objective(load_data(cfg.data, tokenizer, batch_size=t.batch_size), t.objective)
     lap("data")

@@ -5,15 +5,16 @@ at a time (about 24 ns each on the 2-core x86 machine, ten times a multiply), an
 model most of the time goes there. A packed row of 1,024 tokens holding sequences of 446, 57 and 281 tokens needs
 the scores inside each sequence, below the diagonal: about a seventh of the 1,024² the masked attention makes.
 
-So on the CPU a batch carries its sequences' spans (batching.Batch.spans), and attention runs per sequence, in
-chunks of CHUNK queries, each against the keys up to its own end (MLX's "causal" mask aligns a shorter query block
-to the end of its keys). The positions after a row's last sequence (padding) get zeros: they carry no loss and no
-real token attends to them. The result equals the masked attention's (tests/test_span_attention.py).
+So on the CPU a packed batch carries its sequences' spans (batching.Batch.spans), and attention runs per sequence,
+in chunks of CHUNK queries, each against the keys up to its own end (MLX's "causal" mask aligns a shorter query
+block to the end of its keys). The positions after a row's last sequence (padding) get zeros: they carry no loss
+and no real token attends to them. The result equals the masked attention's (tests/test_span_attention.py).
 
-The spans are Python numbers, so each batch's graph has its own shape: the step is not compiled on this path
-(trainer.step_function). mx.compile gained little on the CPU anyway (6.4 s against 7.0 s for a masked step, where
-span attention took 3.3 s; `bench/compare_cli.py` has the loop figures). On a GPU, fused attention makes only the
-scores it needs and the compiled step keeps its array mask.
+The spans are Python numbers, so each batch's graph has its own shape: such a step is not compiled
+(trainer.training_step). On the tiny llama of bench/compare_cli.py a packed [4, 1024] step took 3.3 s this way
+against 6.4 s compiled with the mask. Batches of one sequence a row keep the compiled step and MLX's causal
+attention: on rows of equal length, compiling gained more (bench/README.md). On a GPU, fused attention makes only
+the scores it needs and the compiled step keeps its array mask.
 
 mlx-lm's model files call `scaled_dot_product_attention` imported from mlx_lm.models.base; `install` replaces that
 name in the module of the model's blocks with `attention`, which hands every call without spans to the original.

@@ -97,7 +97,7 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
         probe(s, reporter, control, 0)
     start_step = p.step + 1
     by_spans = attends_by_spans(s, objective)
-    step_fn, state = training_step(s.model, s.optimizer, objective, t.grad_clip, compiled=not by_spans)
+    step_fn, state = training_step(s.model, s.optimizer, objective, t.grad_clip)
     s.model.train()
     losses: list[tuple[int, Any]] = []  # (step, loss) since the last report, read back only then
     # Summed since the last report: grad norm and the objective's own metrics (objective.metrics), one vector
@@ -157,24 +157,26 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
 
 
 def attends_by_spans(s: Session, objective: Objective) -> bool:
-    """Whether this run's steps take their batches' sequence spans (span_attention.py: supervised training on the
-    CPU) instead of compiled steps with segment masks."""
+    """Whether this run's packed rows of several sequences attend by their spans (span_attention.py: supervised
+    training on the CPU) instead of through a segment mask."""
     from .objective import CrossEntropy
     from .span_attention import enabled_for
 
     return isinstance(objective, CrossEntropy) and enabled_for(s.model)
 
 
-def training_step(model: Any, optimizer: Any, objective: Objective, grad_clip: float = 0.0,
-                  compiled: bool = True) -> tuple[Any, list]:
-    """One optimizer step on a batch's arrays, compiled unless asked not to: returns (step, the state it updates in
-    place). A step returns the loss, its token count and a vector of the gradient's global norm (before clipping)
-    followed by the objective's own metrics (objective.metrics), which its loss returns as a third value."""
+def training_step(model: Any, optimizer: Any, objective: Objective, grad_clip: float = 0.0) -> tuple[Any, list]:
+    """One optimizer step on a batch's arrays: returns (step, the state it updates in place). A step returns the
+    loss, its token count and a vector of the gradient's global norm (before clipping) followed by the objective's
+    own metrics (objective.metrics), which its loss returns as a third value. The step is compiled, except for a
+    batch that ends in span_attention.Spans: its graph follows the spans' lengths, which differ batch to batch."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.nn.utils import average_gradients
     from mlx.utils import tree_flatten
+
+    from .span_attention import Spans
 
     value_and_grad = nn.value_and_grad(model, objective.loss)
     state = [model.state, optimizer.state, mx.random.state]
@@ -189,7 +191,12 @@ def training_step(model: Any, optimizer: Any, objective: Objective, grad_clip: f
         optimizer.update(model, grads)
         return loss, ntoks, mx.concatenate([norm.reshape(1).astype(mx.float32), *extra])
 
-    return (mx.compile(step, inputs=state, outputs=state) if compiled else step), state
+    compiled = mx.compile(step, inputs=state, outputs=state)
+
+    def compiled_unless_spans(*batch: Any) -> tuple[Any, Any, Any]:
+        return (step if isinstance(batch[-1], Spans) else compiled)(*batch)
+
+    return compiled_unless_spans, state
 
 
 def upload(s: Session, first: int, spans: bool = False) -> deque:
