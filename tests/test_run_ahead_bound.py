@@ -61,3 +61,18 @@ def test_a_user_set_limit_is_left_alone(tiny_model, text_data, tmp_path, monkeyp
     limits, losses, left = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "user", monkeypatch,
                                              memory_limit_gb=3.5)
     assert limits == [] and left == int(3.5e9) and len(losses) == 6
+
+
+def test_the_headroom_stops_at_the_memory_the_machine_gives(tiny_model, text_data, tmp_path, monkeypatch) -> None:
+    """A machine that gives the GPU no more than the memory in use before step 1 (a 16 GB Mac training an 8B
+    model near its working set): the limit after step 1 is what a step needs, without the headroom."""
+    from lora_app import memory
+
+    original = mx.get_memory_limit()
+    limits, _, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "roomy", monkeypatch)
+    monkeypatch.setattr(memory, "available_memory", lambda: (limits[0], "test"))
+    tight_limits, losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "tight", monkeypatch)
+    tight, bound = tight_limits
+    assert tight < bound < min(tight + run_ahead.RUN_AHEAD_MIN_HEADROOM, original)
+    assert len(losses) == 6
+
