@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .head_loss import CHUNK_BYTES
-from .span_attention import CHUNK as SPAN_CHUNK
 
 GB = 1e9
 HEAD_DIM = 64  # when the head count is unknown, assume the common head size
@@ -211,11 +210,10 @@ def estimate_training_memory(info: Any, trainable_params: int, batch_size: int, 
     kept_lora = lora_kept(shape, DEFAULT_MODULES if modules is None else modules)
 
     # Attention: the softmax kept per block and two score-sized arrays in the backward (unfused), or cuDNN's output
-    # and float32 log-sum-exp (fused). On the CPU a query's scores reach back only over its own sequence, in blocks
-    # (span_attention.py): about half the width plus half a block, on average, when a sequence fills its row.
+    # and float32 log-sum-exp (fused). On the CPU, packed rows of several sequences keep less (span_attention.py);
+    # the widest batch is usually its longest sequences alone in their rows, which keep all their scores.
     fused = backend == "cuda" and act == 2 and width % 128 == 0 and shape.head_dim % 8 == 0 and shape.head_dim <= 128
-    keys = min(width, (width + SPAN_CHUNK) // 2) if backend == "cpu" else width
-    scores = 0 if fused else shape.heads * keys * act
+    scores = 0 if fused else shape.heads * width * act
     attention = (h * act + 4 * shape.heads) if fused else scores
     per_block = (3 * h + 2 * shape.kv + 4 * inter + kept_lora) * act + attention
     work = (WORK_PER_HIDDEN * h + WORK_PER_INTERMEDIATE * inter) * act + 2 * scores
