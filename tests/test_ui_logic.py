@@ -244,7 +244,8 @@ def test_adapter_summary_estimates_training_memory(monkeypatch):
     huge = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 512, 32768, False)
     assert "\n\n⚠️ **Training memory**" in huge and "more than the 23.6 GB" in huge
     # 512 rows are too many for any one change: checkpointing with one row at a shorter length
-    assert "with gradient checkpointing, batch size 1 and max sequence length 16384 it would be about" in huge
+    shorter = re.search(r"with gradient checkpointing, batch size 1 and max sequence length (\d+) it would be", huge)
+    assert shorter and int(shorter[1]) < 32768, huge
     monkeypatch.setattr(estimates.engine, "memory_available_gb", lambda: 0.05)  # less than the weights
     hopeless = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, False)
     assert "none of the changes the app tries fits it" in hopeless
