@@ -65,20 +65,7 @@ def build_data(out: Path, tokenizer, args) -> dict[str, Path]:
         rows.append({"text": tokenizer.decode(ids).strip()})
     write(folder, rows[: args.uniform_rows], rows[args.uniform_rows:])
     made["uniform"] = folder
-    # mixed chat: target total length uniform in [min_len, max_len]
-    folder = out / "mixed"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for _ in range(args.mixed_rows):
-        target = rng.randint(args.min_len, args.max_len)
-        body = max(target - 10, 2)  # the template adds ~10 tokens for two turns
-        k = rng.randint(1, body - 1)
-        rows.append({"messages": [{"role": "user", "content": words(rng, k)},
-                                  {"role": "assistant", "content": words(rng, body - k)}]})
-    valid = [{"messages": [{"role": "user", "content": words(rng, 6)},
-                           {"role": "assistant", "content": words(rng, 6)}]} for _ in range(args.batch_size)]
-    write(folder, rows, valid)
-    made["mixed"] = folder
+    made["mixed"] = chat_rows(out / "mixed", rng, args.mixed_rows, args.min_len, args.max_len, args.batch_size)
     made["short"] = chat_rows(out / "short", rng, args.short_rows, args.short_min, args.short_max, args.batch_size)
     return made
 

@@ -61,7 +61,10 @@ def use_sizes(small: bool) -> None:
 # ---- the model and the data -------------------------------------------------------------------------------------
 
 def build(out: Path) -> None:
+    import random
+
     import mlx.core as mx
+    from compare_cli import chat_rows
     from memory_estimate import build_model
     from mlx.utils import tree_flatten
     from tiny import build_tokenizer
@@ -74,17 +77,9 @@ def build(out: Path) -> None:
     config = dict(SHAPE, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
                   quantization={"group_size": 64, "bits": 4}, eos_token_id=2, bos_token_id=0)
     (model_dir / "config.json").write_text(json.dumps(config, indent=1))
-    build_data(out / "data", model_dir)
+    # compare_cli's chat rows: one word of tiny's grammar is one token of its tokenizer
+    chat_rows(out / "data", random.Random(0), ROWS, MIN_LEN, MAX_LEN, BATCH)
     print(f"built {model_dir} ({sum(f.stat().st_size for f in model_dir.iterdir()) / 1e9:.2f} GB) and the data")
-
-
-def build_data(folder: Path, model_dir: Path) -> None:
-    """compare_cli's one-turn chat rows: one word of tiny's grammar is one token of its tokenizer."""
-    import random
-
-    from compare_cli import chat_rows
-
-    chat_rows(folder, random.Random(0), ROWS, MIN_LEN, MAX_LEN, BATCH)
 
 
 # ---- one side -------------------------------------------------------------------------------------------------
