@@ -282,6 +282,11 @@ def fitting_change(info: Any, trainable_params: int, batch_size: int, max_seq_le
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
         return low
 
+    def largest_batch(words: str, **settings: Any) -> Change | None:
+        """The largest batch below the run's that fits with `settings`."""
+        batch = largest(1, int(batch_size) - 1, lambda b: attempt("", batch_size=b, **settings) is not None)
+        return attempt(words.format(batch=batch), batch_size=batch, **settings) if batch else None
+
     def longest(words: str, **settings: Any) -> Change | None:
         """The longest bucket below the data's width that fits with `settings`."""
         width = batch_width(max_seq_length, kw.get("longest_row"))
@@ -290,14 +295,13 @@ def fitting_change(info: Any, trainable_params: int, batch_size: int, max_seq_le
                 return found
         return None
 
-    if not grad_checkpoint and (found := attempt("gradient checkpointing", grad_checkpoint=True)):
-        return found
-    if batch := largest(1, int(batch_size) - 1, lambda b: attempt("", batch_size=b) is not None):
-        return attempt(f"batch size {batch}", batch_size=batch)
     ckpt = "gradient checkpointing"
-    if not grad_checkpoint and (batch := largest(1, int(batch_size) - 1, lambda b: attempt(
-            "", grad_checkpoint=True, batch_size=b) is not None)):
-        return attempt(f"{ckpt} and batch size {batch}", grad_checkpoint=True, batch_size=batch)
+    if not grad_checkpoint and (found := attempt(ckpt, grad_checkpoint=True)):
+        return found
+    if found := largest_batch("batch size {batch}"):
+        return found
+    if not grad_checkpoint and (found := largest_batch(ckpt + " and batch size {batch}", grad_checkpoint=True)):
+        return found
     if found := longest("max sequence length {length}"):
         return found
     if not grad_checkpoint and (found := longest(ckpt + ", batch size 1 and max sequence length {length}",
