@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export import PEFT_TOL, cli, load, mlx_logits, rel_err, torch_logits
+from test_export import PEFT_TOL, cli, load, mlx_logits, peft_export, rel_err, torch_logits
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,9 @@ def test_dora_adapter_loads_in_mlx_lm_generate(dora_trained: Path, tiny_model: P
 @pytest.mark.slow
 def test_dora_peft_export_matches_transformers_peft(dora_trained: Path, tiny_model: Path, engine_env: dict,
                                                     tmp_path: Path) -> None:
-    from safetensors.numpy import load_file
-
     out = tmp_path / "peft"
-    done = cli(["export", "--adapter", str(dora_trained), "--format", "peft", "--out", str(out)], engine_env)
-    assert done.returncode == 0, done.stderr
-    config = json.loads((out / "adapter_config.json").read_text())
+    config, tensors = peft_export(dora_trained, out, engine_env)
     assert config["use_dora"] is True
-    tensors = load_file(str(out / "adapter_model.safetensors"))
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"].shape == (64,)
     ours = mlx_logits(load(tiny_model, dora_trained))
     theirs = torch_logits(tiny_model, out)

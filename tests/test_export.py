@@ -73,6 +73,16 @@ def torch_logits(base_dir: Path, peft_dir: Path | None = None) -> np.ndarray:
 cli = functools.partial(runhelp.cli, timeout=300)  # exports load and fuse a model: slower than most
 
 
+def peft_export(adapter: Path, out: Path, env: dict) -> tuple[dict, dict]:
+    """`export --format peft` through the CLI: (adapter_config.json, the tensors of adapter_model.safetensors)."""
+    from safetensors.numpy import load_file
+
+    done = cli(["export", "--adapter", str(adapter), "--format", "peft", "--out", str(out)], env)
+    assert done.returncode == 0, done.stderr
+    return (json.loads((out / "adapter_config.json").read_text()),
+            load_file(str(out / "adapter_model.safetensors")))
+
+
 # ---- fixtures ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -96,18 +106,13 @@ def other_model(tmp_path_factory) -> Path:
 
 def test_peft_export_matches_transformers_peft(trained: Path, tiny_model: Path, engine_env: dict,
                                                tmp_path: Path) -> None:
-    from safetensors.numpy import load_file
-
     out = tmp_path / "peft"
-    done = cli(["export", "--adapter", str(trained), "--format", "peft", "--out", str(out)], engine_env)
-    assert done.returncode == 0, done.stderr
-    config = json.loads((out / "adapter_config.json").read_text())
+    config, tensors = peft_export(trained, out, engine_env)
     ours = json.loads((trained / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["lora_alpha"] / config["r"] == ours["lora_parameters"]["scale"]
     assert config["layers_to_transform"] == [1]
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
-    tensors = load_file(str(out / "adapter_model.safetensors"))
     down = "base_model.model.model.layers.1.mlp.down_proj"
     assert tensors[f"{down}.lora_A.weight"].shape == (8, 128)  # [rank, in]
     assert tensors[f"{down}.lora_B.weight"].shape == (64, 8)  # [out, rank]
