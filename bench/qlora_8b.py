@@ -17,7 +17,9 @@ Each side runs as its own process from spawn to exit (model load, tokenizing, co
 - mlx-lm: `python -m mlx_lm lora --config` with those settings (its `iters` is one epoch of batches);
 - ours: `python -m lora_app train` with the same settings (`--epochs 1`, packed rows, the app's defaults);
 - ours-16gb: ours with the change the app proposes when it sees a 16 GB Mac (memory.fitting_change for Metal and
-  the working set macOS gives the GPU of a 16 GB Mac, MAC_16GB_WORKING_SET).
+  the working set macOS gives the GPU of a 16 GB Mac, MAC_16GB_WORKING_SET), run with the app seeing that memory;
+- ours-unbounded (only when named): ours with MLX's memory limit above the GPU's memory, so the host allocates ahead
+  of the GPU as far as it likes (run_ahead.py bounds that by default).
 MLX's peak is the process's whole peak (mx.get_peak_memory() at exit, loading included), the same for both sides;
 this file's `peak` command wraps each process for that. Our start-up comes from the run's events: spawn to the
 trainer's start (imports), its phases (session.prepare's `startup`), and the first step (compiling).
@@ -46,6 +48,9 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # What Metal's recommendedMaxWorkingSetSize reports on a 16 GB Apple-Silicon Mac (two thirds of its memory):
 # the memory a 16 GB Mac's GPU may use, which memory.available_memory() reads there.
 MAC_16GB_WORKING_SET = 16 * 2**30 * 2 // 3
+# ours-16gb runs with the app's memory.available_memory() answering this variable's bytes: what it reads on a Mac,
+# so the run's memory check and its run-ahead bound (run_ahead.py) act as they would there.
+SEES_MEMORY = "QLORA_8B_SEES_MEMORY"
 
 
 def use_sizes(small: bool) -> None:
@@ -55,7 +60,7 @@ def use_sizes(small: bool) -> None:
 
     SHAPE = LLAMA8B
     if small:
-        SHAPE, ROWS, MIN_LEN, MAX_LEN, MAX_SEQ, MAC_16GB_WORKING_SET = TOY, 16, 20, 200, 256, 30_000_000
+        SHAPE, ROWS, MIN_LEN, MAX_LEN, MAX_SEQ, MAC_16GB_WORKING_SET = TOY, 64, 20, 200, 256, 30_000_000
 
 
 # ---- the model and the data -------------------------------------------------------------------------------------
@@ -149,10 +154,15 @@ def run_side(side: str, out: Path, round_no: int) -> dict:
         if side == "ours-16gb":
             words, extra, estimate = proposal_for_16gb_mac(out)
             proposal = {"words": words, "flags": extra, "estimate_gb": estimate["total"] / 1e9}
+        elif side == "ours-unbounded":  # a limit above any GPU's memory: what the run-ahead bound costs in speed
+            extra = ["--memory-limit-gb", "1000"]
         args = ours_command(out, work, extra)
     cmd = [sys.executable, __file__, "peak", *args]
+    env = runs.engine_env()
+    if side == "ours-16gb":  # the app on this GPU sees a 16 GB Mac's memory, as in the proposal
+        env[SEES_MEMORY] = str(MAC_16GB_WORKING_SET)
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=runs.engine_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     end = time.time()
     (out / f"{side}-{round_no}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
@@ -184,6 +194,10 @@ def peak(args: list[str]) -> None:
 
     import mlx.core as mx
 
+    if os.environ.get(SEES_MEMORY):
+        from lora_app import memory
+
+        memory.available_memory = lambda: (int(os.environ[SEES_MEMORY]), SEES_MEMORY)
     atexit.register(lambda: print(f"MLX_PEAK {mx.get_peak_memory()}", flush=True))
     assert args[0] == "-m"
     sys.argv = [args[1], *args[2:]]

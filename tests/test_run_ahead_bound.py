@@ -48,10 +48,10 @@ def test_step_1_runs_tight_then_the_bound_leaves_headroom(tiny_model, text_data,
     assert len(limits) == 2, limits
     tight, bound = limits
     assert tight < bound <= original  # the headroom over step 1's peak, capped by the limit there was before
-    assert bound >= min(tight + run_ahead.RUN_AHEAD_MIN_HEADROOM, original)
+    assert bound >= min(tight + run_ahead.RUN_AHEAD_HEADROOM, original)
     assert left == bound
     # the limits change when work runs, not what it computes
-    monkeypatch.setattr(run_ahead, "RUN_AHEAD_MEMORY", 1e6)
+    monkeypatch.setattr(run_ahead, "RUN_AHEAD_HEADROOM", 1e15)
     limits_huge, same_losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "huge", monkeypatch)
     assert limits_huge[1] == original  # never raised above the limit there was before step 1
     assert same_losses == losses and len(losses) == 6
@@ -73,6 +73,6 @@ def test_the_headroom_stops_at_the_memory_the_machine_gives(tiny_model, text_dat
     monkeypatch.setattr(memory, "available_memory", lambda: (limits[0], "test"))
     tight_limits, losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "tight", monkeypatch)
     tight, bound = tight_limits
-    assert tight < bound < min(tight + run_ahead.RUN_AHEAD_MIN_HEADROOM, original)
+    assert tight < bound < min(tight + run_ahead.RUN_AHEAD_HEADROOM, original)
     assert len(losses) == 6
 
