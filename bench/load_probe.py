@@ -10,12 +10,17 @@ reads the file from the page cache.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+# transformers imports PyTorch whenever it can find it; the app's install has none (requirements-reference.txt)
+NO_TORCH = "import sys; sys.modules['torch'] = None; "
 
 
 def timed(label: str, fn, size: int = 0):
@@ -40,6 +45,8 @@ def main() -> None:
     size = sum(f.stat().st_size for f in files)
     print(f"{folder}: {len(files)} file(s), {size / 1e9:.2f} GB")
     timed("read the files (first read: the disk)", lambda: read_bytes(files), size)
+    for label, code in (("import mlx_lm (a fresh process)", ""), ("  the same with PyTorch hidden", NO_TORCH)):
+        timed(label, lambda code=code: subprocess.run([sys.executable, "-c", code + "import mlx_lm.utils"], check=True))
     timed("read the files again (page cache)", lambda: read_bytes(files), size)
     mx = timed("import mlx.core", lambda: __import__("mlx.core").core)
     print(f"device: {mx.default_device()}")

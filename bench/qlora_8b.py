@@ -20,6 +20,7 @@ Each side runs as its own process from spawn to exit (model load, tokenizing, co
   the working set macOS gives the GPU of a 16 GB Mac, MAC_16GB_WORKING_SET), run with the app seeing that memory;
 - ours-unbounded (only when named): ours with MLX's memory limit above the GPU's memory, so the host allocates ahead
   of the GPU as far as it likes (run_ahead.py bounds that by default).
+Both sides run with PyTorch hidden from transformers, as in their own installs (`peak`).
 MLX's peak is the process's whole peak (mx.get_peak_memory() at exit, loading included), the same for both sides;
 this file's `peak` command wraps each process for that. Our start-up comes from the run's events: spawn to the
 trainer's start (imports), its phases (session.prepare's `startup`), and the first step (compiling).
@@ -194,6 +195,9 @@ def peak(args: list[str]) -> None:
 
     import mlx.core as mx
 
+    # Neither side's own install has PyTorch (requirements.txt; mlx-lm's requirements), and transformers imports it
+    # whenever it can find it: a GPU machine's Python often has it (bench/load_probe.py times the difference).
+    sys.modules["torch"] = None  # type: ignore[assignment]
     if os.environ.get(SEES_MEMORY):
         from lora_app import memory
 

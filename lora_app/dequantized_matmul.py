@@ -41,15 +41,19 @@ def matmul_for(group_size: int, bits: int) -> Any:
     def dequantized(weight: mx.array, scales: mx.array, biases: mx.array, dtype: Any) -> mx.array:
         return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits).astype(dtype)
 
+    # Each dequantize depends on the array it multiplies (mx.depends). Depending on frozen weights alone, MLX may
+    # evaluate every block's dequantize first and hold them all, and mx.compile merges the backward's with the
+    # forward's, identical then, holding each from the forward pass to the backward one.
     @mx.custom_function
     def matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        return x @ dequantized(weight, scales, biases, x.dtype).T
+        return x @ dequantized(mx.depends(weight, x), scales, biases, x.dtype).T
 
     @matmul.vjp
     def matmul_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
         x, weight, scales, biases = primals
         # The weights are frozen: their zero cotangents are never evaluated
-        return (cotangent @ dequantized(weight, scales, biases, cotangent.dtype), mx.zeros_like(weight),
+        return (cotangent @ dequantized(mx.depends(weight, cotangent), scales, biases, cotangent.dtype),
+                mx.zeros_like(weight),
                 mx.zeros_like(scales), mx.zeros_like(biases))
 
     return matmul

@@ -74,6 +74,9 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
 
     started = time.perf_counter()
     lap = Laps()
+    import mlx_lm.utils  # noqa: F401 - the run's biggest import (transformers with it): timed apart from the load
+
+    lap("mlx-lm import")
     rank, size = world()
     t = cfg.train
     if rank == 0:

@@ -61,3 +61,32 @@ def test_only_many_tokens_take_the_dequantized_path_and_the_head_stays(tiny_qmod
     assert calls == []  # a short prompt or a decoded token keeps the quantized matmul
     mx.eval(model(mx.zeros((2, dequantized_matmul.MIN_TOKENS), mx.int32)))
     assert len(calls) == 7 * len(model.layers)
+
+
+def test_a_step_holds_one_dequantized_weight_at_a_time(monkeypatch) -> None:
+    """Eight 2048 x 2048 frozen weights, the compiled gradient run as the trainer runs step 1 (MLX's memory limit
+    at the memory in use, so the peak is what the graph keeps alive, not what the host allocated ahead): about one
+    dequantized weight is held at a time, not all eight from the forward pass to the backward one."""
+    monkeypatch.setattr(dequantized_matmul, "MIN_TOKENS", 16)
+    layers = [nn.QuantizedLinear(2048, 2048, bias=False, group_size=64, bits=4) for _ in range(8)]
+    for layer in layers:
+        layer.__class__ = dequantized_matmul.DequantizedLinear
+    x = mx.random.normal((1, 64, 2048))
+    mx.eval([layer.parameters() for layer in layers], x)
+
+    def loss(x):
+        for layer in layers:
+            x = layer(x)
+        return (x * x).mean()
+
+    grad = mx.compile(mx.grad(loss))
+    mx.eval(grad(x))  # compiled once, then measured
+    before = mx.get_active_memory()
+    limit = mx.set_memory_limit(before)
+    try:
+        mx.reset_peak_memory()
+        mx.eval(grad(x))
+    finally:
+        mx.set_memory_limit(limit)
+    dequantized_weight = 2048 * 2048 * 4  # float32
+    assert mx.get_peak_memory() - before < 3 * dequantized_weight
