@@ -317,25 +317,40 @@ def fitting_change(info: Any, trainable_params: int, batch_size: int, max_seq_le
     return on_last(n) if n else None
 
 
-def available_memory() -> tuple[int, str]:
-    """(bytes, where the number comes from): the GPU's recommended working set where MLX reports one,
-    else the memory the system has available now, else its physical memory."""
-    try:
-        import mlx.core as mx
+def available_memory(device: dict | None = None) -> tuple[int, str]:
+    """(bytes, where the number comes from) that training may use: the GPU's recommended working set where MLX
+    reports one (Apple Silicon), else the GPU's memory (CUDA), else the memory the system has available now, else
+    its physical memory. `device`: mx.device_info() as read elsewhere (the UI asks an engine process and does not
+    import MLX); this process's MLX is asked when None."""
+    if device is None:
+        try:
+            import mlx.core as mx
 
-        device = mx.device_info() if hasattr(mx, "device_info") else {}
-    except Exception:  # noqa: BLE001 - an MLX build without device info
-        device = {}
+            device = mx.device_info() if hasattr(mx, "device_info") else {}
+        except Exception:  # noqa: BLE001 - an MLX build without device info
+            device = {}
     for key in ("max_recommended_working_set_size", "memory_size"):
         if device.get(key):
             return int(device[key]), f"mx.device_info()['{key}']"
-    meminfo = meminfo_available()
-    if meminfo:
-        return meminfo, "/proc/meminfo MemAvailable"
+    free, source = system_memory_available()
+    if free:
+        return free, source
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "system memory (os.sysconf)"
     except (ValueError, OSError, AttributeError):
         return 0, "unknown"
+
+
+def system_memory_available() -> tuple[int, str]:
+    """(bytes, source) the system can give now: Linux's MemAvailable, else its free pages; (0, '') where the OS
+    does not say (macOS)."""
+    meminfo = meminfo_available()
+    if meminfo:
+        return meminfo, "/proc/meminfo MemAvailable"
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free pages (os.sysconf)"
+    except (ValueError, OSError, AttributeError):
+        return 0, ""
 
 
 def meminfo_available(path: Path = Path("/proc/meminfo")) -> int:

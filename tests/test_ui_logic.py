@@ -223,7 +223,7 @@ def test_adapter_summary_counts_real_shapes():
 
 
 def test_adapter_summary_estimates_training_memory(monkeypatch):
-    monkeypatch.setattr(estimates.engine, "memory_available_gb", lambda: 23.6)
+    monkeypatch.setattr(estimates.engine, "machine", lambda: ("cpu", int(23.6e9)))
     info = {"num_blocks": 30, "total_params": 134_515_008, "hidden_size": 576, "vocab_size": 49152,
             "dtype": "float16", "quantization": {"bits": 4, "group_size": 32},
             "linear_modules": ["self_attn.q_proj"], "module_shapes": {"self_attn.q_proj": [576, 576]}}
@@ -246,10 +246,10 @@ def test_adapter_summary_estimates_training_memory(monkeypatch):
     # 512 rows are too many for any one change: checkpointing with one row at a shorter length
     shorter = re.search(r"with gradient checkpointing, batch size 1 and max sequence length (\d+) it would be", huge)
     assert shorter and int(shorter[1]) < 32768, huge
-    monkeypatch.setattr(estimates.engine, "memory_available_gb", lambda: 0.05)  # less than the weights
+    monkeypatch.setattr(estimates.engine, "machine", lambda: ("cpu", int(0.05e9)))  # less than the weights
     hopeless = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 4, 512, False)
     assert "none of the changes the app tries fits it" in hopeless
-    monkeypatch.setattr(estimates.engine, "memory_available_gb", lambda: 23.6)
+    monkeypatch.setattr(estimates.engine, "machine", lambda: ("cpu", int(23.6e9)))
     big = estimates.adapter_summary(info, "all", ["self_attn.q_proj"], 8, 8, 2048, False)
     assert "⚠️" in big and "with gradient checkpointing it would be about" in big
 

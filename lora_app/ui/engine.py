@@ -3,6 +3,7 @@ the page down: inspect, backend info, streaming generation, export."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import runs
-from ..memory import meminfo_available
+from ..memory import available_memory, system_memory_available
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BACKEND_CODE = (
@@ -93,21 +94,26 @@ def inspect(model: str) -> dict:
     return _inspect_cache[key]
 
 
+@functools.cache
 def backend() -> dict:
-    """The MLX device (Apple GPU / CUDA / CPU), via a tiny subprocess."""
+    """The MLX device (Apple GPU / CUDA / CPU), via a tiny subprocess, asked once: it does not change while the
+    app runs."""
     return json.loads(run([sys.executable, "-c", BACKEND_CODE], timeout=120))
 
 
-def memory_available_gb() -> float | None:
-    """Memory the system can give now (Linux MemAvailable, as the trainer's own check reads it; else free
-    pages); None where the OS does not say (macOS: the trainer checks the GPU's working set itself)."""
-    available = meminfo_available()
-    if available:
-        return available / 1e9
+def machine() -> tuple[str, int]:
+    """(where training runs: 'gpu' or 'cpu', the bytes it may use), the number the trainer's own memory check reads
+    (memory.available_memory: a Mac's GPU working set, a CUDA card's memory, else the system's available memory)."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except (ValueError, OSError, AttributeError):
-        return None
+        b = backend()
+    except EngineError:
+        b = {"backend": "CPU", "info": {}}
+    return ("cpu" if b["backend"] == "CPU" else "gpu"), available_memory(b["info"])[0]
+
+
+def memory_available_gb() -> float | None:
+    """Memory the system can give now, for display; None where the OS does not say (macOS)."""
+    return system_memory_available()[0] / 1e9 or None
 
 
 def export(adapter: str, fmt: str, out: str, model: str | None = None, dequantize: bool = False) -> str:

@@ -62,8 +62,7 @@ def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int
     text = (f"**Training memory** about {human_bytes(est['total'])} (weights "
             f"{human_bytes(est['weights'] + est['lora_optimizer'])}, activations {human_bytes(est['activations'])})"
             f" at batch {int(batch_size)} × {est['width']:,} tokens ({rows})")
-    free_gb = engine.memory_available_gb()
-    available = free_gb * 1e9 if free_gb else 0
+    available = engine.machine()[1]
     if available and est["total"] > available:
         change = fitting_change(info, trainable, int(batch_size), int(max_seq_length), bool(grad_checkpoint),
                                 available, **kw)

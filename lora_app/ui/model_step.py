@@ -43,29 +43,11 @@ def inspect_model(model: str) -> tuple[dict, str]:
     return info, info_markdown(info)
 
 
-@functools.cache
-def backend_info() -> dict:
-    """The MLX device, asked once (a subprocess that imports MLX): it does not change while the app runs."""
-    return engine.backend()
-
-
-def machine() -> tuple[str, int]:
-    """(where training runs: 'gpu' or 'cpu', the bytes it can use): the GPU's recommended working set where MLX
-    reports one (Apple Silicon), else the memory the system has available now."""
-    try:
-        b = backend_info()
-    except engine.EngineError:
-        b = {"backend": "CPU", "info": {}}
-    working_set = b["info"].get("max_recommended_working_set_size")
-    available = working_set or (engine.memory_available_gb() or 0) * 1e9
-    return ("cpu" if b["backend"] == "CPU" else "gpu"), int(available)
-
-
 def backend_markdown() -> str:
     mem = engine.memory_available_gb()
     mem_text = f"{mem:.1f} GB available" if mem is not None else "unknown"
     try:
-        b = backend_info()
+        b = engine.backend()
     except engine.EngineError as e:
         return f"⚠️ MLX did not start: {e}"
     limit = b["info"].get("max_recommended_working_set_size") or b["info"].get("memory_size")
@@ -84,7 +66,7 @@ def catalog_table(ctx: Context, checked: list[dict], rank: float, modules: list[
                   batch_size: float, max_seq_length: float, grad_checkpoint: bool,
                   longest_row: int | None = None, method: str = "lora") -> list[list[str]]:
     """The catalog's rows at the form's settings (a bad number in the form: the defaults stand in for it)."""
-    backend, available = machine()
+    backend, available = engine.machine()
     defaults = catalog.Settings()
     numbers = {"rank": rank, "batch_size": batch_size, "max_seq_length": max_seq_length}
     rank, batch_size, max_seq_length = (getattr(defaults, k) if v is None or bound_problem(k, v) else int(v)
