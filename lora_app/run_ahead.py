@@ -6,10 +6,11 @@ encodes a whole step in a few ms while the GPU needs tens of ms for it, so unbou
 a step needs. MLX's scheduler waits for running work before encoding more once active memory passes the memory
 limit, so the loop runs step 1 under a limit at the memory in use (its peak is then what a step needs), and after it
 sets a limit at that peak plus a headroom. Too little headroom costs speed: the host then waits for the GPU before
-most allocations and the GPU for the host after. The headroom never takes the run past the memory the machine gives
-the GPU (memory.available_memory: a Mac's recommended working set, two thirds of a 16 GB Mac's memory), which MLX's
-own default limit (1.5 times that on a Mac) would allow: on an H200 a checkpointed 8B QLoRA at batch 1 peaked at
-11.3 GB with the headroom, against the 10.7 GB a 16 GB Mac gives (bench/README.md). A user-set memory_limit_gb is
+most allocations and the GPU for the host after. The headroom takes at most half of what the machine gives the GPU
+beyond a step's need (memory.available_memory: a Mac's recommended working set, two thirds of a 16 GB Mac's
+memory), where MLX's own default limit (1.5 times that on a Mac) would allow more: on an H200 a checkpointed 8B
+QLoRA at batch 1 peaked at 11.3 GB with 2 GB of headroom, above the 11 GB a 16 GB Mac's run should stay under
+(bench/README.md); half of the 2.2 GB such a Mac leaves beyond that step is 1.1 GB. A user-set memory_limit_gb is
 left as it is (that is how a user trades memory for the unbounded speed); on the CPU, system memory is the limit
 already.
 """
@@ -36,8 +37,8 @@ def tighten_for_step_1(memory_limit_gb: float) -> int | None:
 def bound_run_ahead(before: int, step_1_tokens: int, biggest_tokens: int, usual_limit: int | None) -> None:
     """Right after step 1 (with tighten_for_step_1's result): cap the memory at step 1's peak plus the headroom.
     `before`: the memory in use before step 1. The part above it is scaled from step 1's batch (`step_1_tokens`) to
-    the largest batch of the plan (`biggest_tokens`: padded batches grow). The headroom stops at the memory the
-    machine gives the GPU; never above the limit there was before."""
+    the largest batch of the plan (`biggest_tokens`: padded batches grow). The headroom is at most half the memory
+    the machine gives the GPU beyond that need; the cap is never above the limit there was before."""
     import mlx.core as mx
 
     from .memory import available_memory
@@ -47,6 +48,8 @@ def bound_run_ahead(before: int, step_1_tokens: int, biggest_tokens: int, usual_
     grow = max(biggest_tokens / max(step_1_tokens, 1), 1.0)
     peak = mx.get_peak_memory()
     need = before + (peak - before) * grow
-    want = before + (peak - before + RUN_AHEAD_HEADROOM) * grow
-    room = available_memory()[0] or want
-    mx.set_memory_limit(int(min(want, max(room, need), usual_limit)))
+    headroom = RUN_AHEAD_HEADROOM * grow
+    room = available_memory()[0]
+    if room:
+        headroom = min(headroom, max(room - need, 0) / 2)
+    mx.set_memory_limit(int(min(need + headroom, usual_limit)))

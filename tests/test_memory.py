@@ -257,7 +257,6 @@ def test_a_16_gb_mac_gets_the_proposal_for_its_gpu_working_set(monkeypatch) -> N
     working_set = 16 * 2**30 * 2 // 3
     monkeypatch.setattr(engine, "backend", lambda: {"backend": "Apple GPU (Metal)", "device": "Device(gpu, 0)",
                                                     "info": {"max_recommended_working_set_size": working_set}})
-    monkeypatch.setattr(engine, "meminfo_available", lambda: 64 * 10**9, raising=False)
     monkeypatch.setattr(memory, "meminfo_available", lambda: 64 * 10**9)
     monkeypatch.setattr(estimates, "default_backend", lambda: "metal")
     info = info_from_config(dict(LLAMA8B, quantization={"group_size": 64, "bits": 4}))

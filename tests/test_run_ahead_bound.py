@@ -51,7 +51,10 @@ def test_step_1_runs_tight_then_the_bound_leaves_headroom(tiny_model, text_data,
     assert bound >= min(tight + run_ahead.RUN_AHEAD_HEADROOM, original)
     assert left == bound
     # the limits change when work runs, not what it computes
+    from lora_app import memory
+
     monkeypatch.setattr(run_ahead, "RUN_AHEAD_HEADROOM", 1e15)
+    monkeypatch.setattr(memory, "available_memory", lambda: (0, "unknown"))  # no room to halve: the old limit binds
     limits_huge, same_losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "huge", monkeypatch)
     assert limits_huge[1] == original  # never raised above the limit there was before step 1
     assert same_losses == losses and len(losses) == 6
@@ -76,3 +79,15 @@ def test_the_headroom_stops_at_the_memory_the_machine_gives(tiny_model, text_dat
     assert tight < bound < min(tight + run_ahead.RUN_AHEAD_HEADROOM, original)
     assert len(losses) == 6
 
+
+
+def test_the_headroom_is_at_most_half_the_room_left(tiny_model, text_data, tmp_path, monkeypatch) -> None:
+    """A machine whose GPU memory ends exactly at the roomy bound (a 16 GB Mac near its working set): the run keeps
+    half of what is left beyond a step's need free instead of running ahead into all of it."""
+    from lora_app import memory
+
+    limits, _, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "roomy", monkeypatch)
+    tight, roomy = limits
+    monkeypatch.setattr(memory, "available_memory", lambda: (roomy, "test"))
+    near_limits, losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "near", monkeypatch)
+    assert tight < near_limits[1] < roomy - run_ahead.RUN_AHEAD_HEADROOM / 4 and len(losses) == 6
