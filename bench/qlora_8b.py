@@ -206,7 +206,7 @@ def peak(args: list[str]) -> None:
     if os.environ.get(SEES_MEMORY):
         from lora_app import memory
 
-        memory.available_memory = lambda: (int(os.environ[SEES_MEMORY]), SEES_MEMORY)
+        memory.available_memory = lambda device=None: (int(os.environ[SEES_MEMORY]), SEES_MEMORY)
     atexit.register(lambda: print(f"MLX_PEAK {mx.get_peak_memory()}", flush=True))
     assert args[0] == "-m"
     sys.argv = [args[1], *args[2:]]

@@ -242,12 +242,10 @@ def test_oom_during_training_ends_the_run_plainly(tiny_model, text_data, tmp_pat
 
 
 def test_a_16_gb_mac_gets_the_proposal_for_its_gpu_working_set(monkeypatch) -> None:
-    """The Training step on a 16 GB Mac: MLX reports a 10.7 GB working set while the system says far more is
-    available (unified memory); the 8B QLoRA of bench/qlora_8b.py is measured against the working set, as the
-    trainer's own check does, and the line proposes the change that fits it."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    """The Training step on a 16 GB Mac: MLX reports an 11.5 GB (10.7 GiB) GPU working set while the system says
+    far more is available (unified memory); the 8B QLoRA of bench/qlora_8b.py is measured against the working set,
+    as the trainer's own check does, and the line proposes the change that fits it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     from memory_estimate import LLAMA8B
 
     from lora_app.catalog import info_from_config

@@ -80,7 +80,6 @@ def test_the_headroom_stops_at_the_memory_the_machine_gives(tiny_model, text_dat
     assert len(losses) == 6
 
 
-
 def test_the_headroom_is_at_most_half_the_room_left(tiny_model, text_data, tmp_path, monkeypatch) -> None:
     """A machine whose GPU memory ends exactly at the roomy bound (a 16 GB Mac near its working set): the run keeps
     half of what is left beyond a step's need free instead of running ahead into all of it."""
