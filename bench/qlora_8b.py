@@ -19,7 +19,9 @@ Each side runs as its own process from spawn to exit (model load, tokenizing, co
 - ours-16gb: ours with the change the app proposes when it sees a 16 GB Mac (memory.fitting_change for Metal and
   the working set macOS gives the GPU of a 16 GB Mac, MAC_16GB_WORKING_SET), run with the app seeing that memory;
 - ours-unbounded (only when named): ours with MLX's memory limit above the GPU's memory, so the host allocates ahead
-  of the GPU as far as it likes (run_ahead.py bounds that by default).
+  of the GPU as far as it likes (run_ahead.py bounds that by default); likewise ours-16gb-unbounded;
+- a side named with -qmm at the end (only when named: ours-qmm, ours-16gb-qmm) multiplies the frozen weights with
+  the quantized matmul, as a Mac does, instead of CUDA's dequantized one (dequantized_matmul.py).
 Both sides run with PyTorch hidden from transformers, as in their own installs (`peak`).
 MLX's peak is the process's whole peak (mx.get_peak_memory() at exit, loading included), the same for both sides;
 this file's `peak` command wraps each process for that. Our start-up comes from the run's events: spawn to the
@@ -52,6 +54,9 @@ MAC_16GB_WORKING_SET = 16 * 2**30 * 2 // 3
 # ours-16gb runs with the app's memory.available_memory() answering this variable's bytes: what it reads on a Mac,
 # so the run's memory check and its run-ahead bound (run_ahead.py) act as they would there.
 SEES_MEMORY = "QLORA_8B_SEES_MEMORY"
+# A side run with this variable multiplies the frozen weights quantized, as Metal does (dequantized_matmul.py is
+# CUDA's): what a Mac's run holds and how its time compares.
+QUANTIZED_MATMUL = "QLORA_8B_QUANTIZED_MATMUL"
 
 
 def use_sizes(small: bool) -> None:
@@ -152,16 +157,18 @@ def run_side(side: str, out: Path, round_no: int) -> dict:
         args = mlx_lm_command(out, work)
     else:
         extra: list[str] = []
-        if side == "ours-16gb":
+        if side.startswith("ours-16gb"):
             words, extra, estimate = proposal_for_16gb_mac(out)
             proposal = {"words": words, "flags": extra, "estimate_gb": estimate["total"] / 1e9}
-        elif side == "ours-unbounded":  # a limit above any GPU's memory: what the run-ahead bound costs in speed
-            extra = ["--memory-limit-gb", "1000"]
+        if "-unbounded" in side:  # a limit above any GPU's memory: what the run-ahead bound costs in speed
+            extra = [*extra, "--memory-limit-gb", "1000"]
         args = ours_command(out, work, extra)
     cmd = [sys.executable, __file__, "peak", *args]
     env = runs.engine_env()
-    if side == "ours-16gb":  # the app on this GPU sees a 16 GB Mac's memory, as in the proposal
+    if side.startswith("ours-16gb"):  # the app on this GPU sees a 16 GB Mac's memory, as in the proposal
         env[SEES_MEMORY] = str(MAC_16GB_WORKING_SET)
+    if side.endswith("-qmm"):  # the frozen weights multiplied quantized, as on a Mac (dequantized_matmul.py)
+        env[QUANTIZED_MATMUL] = "1"
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     end = time.time()
@@ -207,6 +214,10 @@ def peak(args: list[str]) -> None:
         from lora_app import memory
 
         memory.available_memory = lambda device=None: (int(os.environ[SEES_MEMORY]), SEES_MEMORY)
+    if os.environ.get(QUANTIZED_MATMUL):
+        from lora_app import dequantized_matmul
+
+        dequantized_matmul.wanted = lambda: False
     atexit.register(lambda: print(f"MLX_PEAK {mx.get_peak_memory()}", flush=True))
     assert args[0] == "-m"
     sys.argv = [args[1], *args[2:]]
@@ -224,11 +235,13 @@ def table(out: Path) -> str:
     base = next((r for r in rows if r["side"] == "mlx-lm"), None)
     lines = ["| side | steps | wall, start to adapter (s) | × mlx-lm's time | MLX peak (GB) | × mlx-lm's peak | "
              "start to first step done (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    ours = next((r for r in rows if r["side"] == "ours"), None)
     for r in rows:
         time_ratio = f"{r['wall_s'] / base['wall_s']:.2f}" if base else "-"
-        if ours and r["side"] != "ours" and r["side"].startswith("ours"):  # goal 2 compares with the unconstrained
-            time_ratio += f" ({r['wall_s'] / ours['wall_s']:.2f} × ours)"
+        # goal 2 compares with the unconstrained run (on the same matmul: ours-qmm for a -qmm side)
+        unconstrained = "ours-qmm" if r["side"].endswith("-qmm") else "ours"
+        ours = next((o for o in rows if o["side"] == unconstrained), None)
+        if ours and r["side"] != unconstrained and r["side"].startswith("ours"):
+            time_ratio += f" ({r['wall_s'] / ours['wall_s']:.2f} × {unconstrained})"
         peak_ratio = f"{r['peak_gb'] / base['peak_gb']:.2f}" if base else "-"
         label = r["side"] + (f" ({r['proposal']['words']})" if r.get("proposal") else "")
         lines.append(f"| {label} | {r['steps']} | {r['wall_s']:.1f} | {time_ratio} | {r['peak_gb']:.2f} | "

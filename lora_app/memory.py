@@ -329,9 +329,9 @@ def available_memory(device: dict | None = None) -> tuple[int, str]:
             device = mx.device_info() if hasattr(mx, "device_info") else {}
         except Exception:  # noqa: BLE001 - an MLX build without device info
             device = {}
-    for key in ("max_recommended_working_set_size", "memory_size"):
-        if device.get(key):
-            return int(device[key]), f"mx.device_info()['{key}']"
+    size, source = device_memory(device)
+    if size:
+        return size, source
     free, source = system_memory_available()
     if free:
         return free, source
@@ -339,6 +339,15 @@ def available_memory(device: dict | None = None) -> tuple[int, str]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "system memory (os.sysconf)"
     except (ValueError, OSError, AttributeError):
         return 0, "unknown"
+
+
+def device_memory(device: dict) -> tuple[int, str]:
+    """(bytes, source) of the GPU's memory as mx.device_info() reports it: Metal's recommended working set (else its
+    memory size), or the card's memory on CUDA (MLX's CUDA backend names it total_memory); (0, '') on the CPU."""
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if device.get(key):
+            return int(device[key]), f"mx.device_info()['{key}']"
+    return 0, ""
 
 
 def system_memory_available() -> tuple[int, str]:

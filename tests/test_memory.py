@@ -160,6 +160,15 @@ def test_available_memory_names_its_source() -> None:
     assert size > 0 and source
 
 
+def test_a_cuda_card_is_sized_by_its_own_memory(monkeypatch) -> None:
+    """MLX's CUDA backend reports the card's memory as total_memory (an H100's mx.device_info(), MLX 0.32.4): a run
+    is checked against it, not against the host's RAM (twice as much on the lent H100 machine)."""
+    monkeypatch.setattr(memory, "meminfo_available", lambda: 133 * 10**9)
+    h100 = {"device_name": "NVIDIA H100 80GB HBM3", "total_memory": 85_520_809_984, "free_memory": 84_000_000_000}
+    assert available_memory(h100) == (85_520_809_984, "mx.device_info()['total_memory']")
+    assert available_memory({"architecture": "x86_64"}) == (133 * 10**9, "/proc/meminfo MemAvailable")
+
+
 def tiny_config(model: Path, data: Path, **overrides: object) -> RunConfig:
     return RunConfig.from_flat({"model": str(model), "data": str(data), "iters": 2, "batch_size": 2,
                                 "max_seq_length": 64, "steps_per_eval": 0, **overrides})

@@ -13,6 +13,7 @@ import gradio as gr
 from .. import catalog, hub
 from ..config import bound_problem
 from ..demo import DEMO_MODEL_NAME, app_home
+from ..memory import device_memory
 from . import engine, form
 from .context import Context, warned
 from .downloads import progress_html
@@ -50,7 +51,7 @@ def backend_markdown() -> str:
         b = engine.backend()
     except engine.EngineError as e:
         return f"⚠️ MLX did not start: {e}"
-    limit = b["info"].get("max_recommended_working_set_size") or b["info"].get("memory_size")
+    limit = device_memory(b["info"])[0]
     extra = f" · device memory {limit / 1e9:.1f} GB" if limit else ""
     return f"**MLX backend** {b['backend']} (`{b['device']}`) · **system memory** {mem_text}{extra}"
 
