@@ -169,6 +169,28 @@ def test_a_cuda_card_is_sized_by_its_own_memory(monkeypatch) -> None:
     assert available_memory({"architecture": "x86_64"}) == (133 * 10**9, "/proc/meminfo MemAvailable")
 
 
+def test_an_mlx_that_did_not_start_is_asked_once(monkeypatch) -> None:
+    """The memory line and the catalog ask engine.machine() on every change of the form: when MLX's probe fails, its
+    subprocess runs once, and the Model step still gets the error's words each time."""
+    from lora_app.ui import engine
+
+    probes = []
+    real_run = engine.run
+    monkeypatch.setattr(engine, "run", lambda cmd, timeout, **kw: probes.append(cmd) or real_run(cmd, timeout, **kw))
+    monkeypatch.setattr(engine, "BACKEND_CODE", "import sys; sys.exit('ImportError: libmlx.so: cannot open it')")
+    monkeypatch.setattr(memory, "meminfo_available", lambda: 20 * 10**9)
+    cached = getattr(engine, "probe_backend", engine.backend)
+    cached.cache_clear()
+    try:
+        assert engine.machine() == engine.machine() == ("cpu", 20 * 10**9)
+        for _ in range(2):
+            with pytest.raises(engine.EngineError, match="libmlx.so: cannot open it"):
+                engine.backend()
+        assert len(probes) == 1
+    finally:
+        cached.cache_clear()
+
+
 def tiny_config(model: Path, data: Path, **overrides: object) -> RunConfig:
     return RunConfig.from_flat({"model": str(model), "data": str(data), "iters": 2, "batch_size": 2,
                                 "max_seq_length": 64, "steps_per_eval": 0, **overrides})

@@ -94,11 +94,23 @@ def inspect(model: str) -> dict:
     return _inspect_cache[key]
 
 
-@functools.cache
 def backend() -> dict:
     """The MLX device (Apple GPU / CUDA / CPU), via a tiny subprocess, asked once: it does not change while the
-    app runs."""
-    return json.loads(run([sys.executable, "-c", BACKEND_CODE], timeout=120))
+    app runs. EngineError when MLX did not start, the same each time."""
+    found = probe_backend()
+    if isinstance(found, EngineError):
+        raise EngineError(str(found))
+    return found
+
+
+@functools.cache
+def probe_backend() -> dict | EngineError:
+    """backend()'s answer, or the error it ended with: kept too, since the memory line and the catalog ask on every
+    change of the form, and an MLX that did not start would cost a subprocess (up to its timeout) each time."""
+    try:
+        return json.loads(run([sys.executable, "-c", BACKEND_CODE], timeout=120))
+    except EngineError as e:
+        return e
 
 
 def machine() -> tuple[str, int]:

@@ -47,7 +47,8 @@ def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int
                 blocks_trained: int | None = None) -> str:
     """The training-memory estimate, 'about X (weights W, activations A)', for the Train step's batch size and the
     widest batch the data gives (its longest row, capped at max sequence length; before the Data step's preview,
-    rows of max sequence length: an upper bound). Above the memory available now: the change that fits."""
+    rows of max sequence length: an upper bound). Above the memory this machine can give training
+    (engine.machine): the change that fits."""
     if not info.get("hidden_size"):
         return ""
     if not batch_size or batch_size < 1 or not max_seq_length or max_seq_length < 1:
@@ -69,5 +70,5 @@ def memory_text(info: dict, trainable: int, batch_size: int, max_seq_length: int
         advice = (f"with {change.words} it would be about {human_bytes(change.estimate['total'])} (activations "
                   f"{human_bytes(change.estimate['activations'])})" if change else
                   f"none of the changes the app tries fits it. {MEMORY_ADVICE}")
-        text = f"⚠️ {text}. That is more than the {human_bytes(available)} of memory available now: {advice}"
+        text = f"⚠️ {text}. That is more than the {human_bytes(available)} this machine can give training: {advice}"
     return text
