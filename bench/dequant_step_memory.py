@@ -3,6 +3,7 @@
 what the step's graph holds, not what the host allocated ahead.
 
     .venv/bin/python bench/dequant_step_memory.py          # about 5 minutes on 2 cores (the quantized side is slow)
+    .venv/bin/python bench/dequant_step_memory.py --grad-checkpoint    # each block checkpointed, as the trainer does
 
 A 4-bit llama of 4 blocks (hidden 1024, MLP 4096, float32 scales), LoRA rank 8 on all seven modules, 2 x 1024 tokens.
 Each side runs in its own process; the dequantized side must peak no higher than the quantized one: every block's
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def one_side(side: str) -> None:
+def one_side(side: str, grad_checkpoint: bool) -> None:
     import mlx.core as mx
     import mlx.optimizers as optim
     from memory_estimate import SMALL_LLAMA, build_model
@@ -29,6 +30,7 @@ def one_side(side: str) -> None:
     from lora_app.config import LoraConfig
     from lora_app.lora import apply_lora
     from lora_app.objective import CrossEntropy
+    from lora_app.session import checkpoint_blocks
     from lora_app.trainer import training_step
 
     shape = dict(SMALL_LLAMA, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
@@ -39,6 +41,8 @@ def one_side(side: str) -> None:
         dequantized_matmul.install(model)
     apply_lora(model, LoraConfig(rank=8, modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"]), seed=0)
+    if grad_checkpoint:
+        checkpoint_blocks(model.layers[0])
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(model.trainable_parameters())
     step, state = training_step(model, opt, CrossEntropy(None))
@@ -52,17 +56,20 @@ def one_side(side: str) -> None:
         loss, _, _ = step(tokens, mx.ones((2, 1024)))
         mx.eval(loss, state)
         mx.set_memory_limit(limit)
-    print(f"{side}: step peak {(mx.get_peak_memory() - before) / 2**20:,.0f} MiB over the memory before it, "
+    label = side + (", checkpointed" if grad_checkpoint else "")
+    print(f"{label}: step peak {(mx.get_peak_memory() - before) / 2**20:,.0f} MiB over the memory before it, "
           f"loss {loss.item():.4f}", flush=True)
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
-        return one_side(sys.argv[1])
+    checkpointed = "--grad-checkpoint" in sys.argv
+    sides = [a for a in sys.argv[1:] if a in ("quantized", "dequantized")]
+    if sides:
+        return one_side(sides[0], checkpointed)
     from lora_app import runs
 
     for side in ("quantized", "dequantized"):
-        subprocess.run([sys.executable, __file__, side], check=True, env=runs.engine_env())
+        subprocess.run([sys.executable, __file__, side, *sys.argv[1:]], check=True, env=runs.engine_env())
 
 
 if __name__ == "__main__":
