@@ -8,11 +8,11 @@ limit, so the loop runs step 1 under a limit at the memory in use (its peak is t
 sets a limit at that peak plus a headroom. Too little headroom costs speed: the host then waits for the GPU before
 most allocations and the GPU for the host after. The headroom takes at most half of what the machine gives the GPU
 beyond a step's need (memory.available_memory: a Mac's recommended working set, two thirds of a 16 GB Mac's
-memory), where MLX's own default limit (1.5 times that on a Mac) would allow more: on an H200 a checkpointed 8B
-QLoRA at batch 1 peaked at 11.3 GB with 2 GB of headroom, above the 11 GB a 16 GB Mac's run should stay under
-(bench/README.md); half of the 2.2 GB such a Mac leaves beyond that step is 1.1 GB. A user-set memory_limit_gb is
-left as it is (that is how a user trades memory for the unbounded speed); on the CPU, system memory is the limit
-already.
+memory), where MLX's own default limit (1.5 times that on a Mac) would allow more. That trade is steep where
+memory is short: the checkpointed 8B QLoRA at batch 1 the app proposes for a 16 GB Mac peaked at 11.13 GB under this
+bound on an H200 (bench/README.md) and ran 1.65 times as fast without it, at 20.9 GB, which such a Mac does not
+have. A user-set memory_limit_gb is left as it is (that is how a user trades memory for the unbounded speed); on the
+CPU, system memory is the limit already.
 """
 
 from __future__ import annotations
