@@ -353,8 +353,7 @@ def to_int(value: Any) -> int:
 # mlx-lm keys with no meaning for us (kept so its YAML files load unchanged).
 IGNORED_MLX_LM_KEYS = {
     "train", "test", "test_batches", "adapter_path", "config",
-    "grad_accumulation_steps", "clear_cache_threshold", "project_name", "trust_remote_code",
-    "optimizer_config", "wandb", "hf_dataset",
+    "clear_cache_threshold", "project_name", "trust_remote_code", "wandb", "hf_dataset",
 }
 
 
@@ -393,7 +392,29 @@ def translate_mlx_lm_keys(flat: dict[str, Any]) -> dict[str, Any]:
     resume_file = flat.pop("resume_adapter_file", None)  # mlx-lm: start from these weights
     if resume_file:
         flat.setdefault("init_adapter", resume_file)
+    accumulation = flat.pop("grad_accumulation_steps", None)
+    if accumulation not in (None, 1):
+        raise ConfigError(f"grad_accumulation_steps: {accumulation!r}: gradient accumulation is not supported here; "
+                          "set batch_size to the batch to train on (with grad_checkpoint if it does not fit)")
+    translate_optimizer_config(flat)
     return flat
+
+
+def translate_optimizer_config(flat: dict[str, Any]) -> None:
+    """mlx-lm's optimizer_config ({optimizer name: its keyword arguments}, of which mlx-lm passes the chosen
+    optimizer's) onto weight_decay, the one such argument we have; any other is an error, not silently dropped."""
+    settings = flat.pop("optimizer_config", None)
+    if settings is None:
+        return
+    chosen = str(flat.get("optimizer", "adam")).lower()  # mlx-lm's default optimizer picks the entry there
+    if not isinstance(settings, dict) or not isinstance(settings.get(chosen) or {}, dict):
+        raise ConfigError(f"optimizer_config: expected a mapping of optimizer names to settings, got {settings!r}")
+    arguments = dict(settings.get(chosen) or {})
+    if chosen == "adamw" and "weight_decay" in arguments:
+        flat.setdefault("weight_decay", arguments.pop("weight_decay"))
+    if arguments:
+        raise ConfigError(f"optimizer_config.{chosen}: {', '.join(sorted(arguments))}: not supported here "
+                          "(only adamw's weight_decay is)")
 
 
 def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dict[str, Any]:
@@ -417,6 +438,8 @@ def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dic
         "dropout": config.lora.dropout,
         "keys": [full_module_name(m) for m in config.lora.modules],
     }
+    if config.train.optimizer == "adamw":  # unless told, mlx's AdamW decays weights by 0.01; ours by weight_decay
+        out["optimizer_config"] = {"adamw": {"weight_decay": config.train.weight_decay}}
     if config.train.lr_schedule == "cosine":
         total = config.train.iters
         out["lr_schedule"] = {

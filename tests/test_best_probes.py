@@ -69,7 +69,7 @@ def test_best_checkpoint_and_early_stopping(tiny_model, plateau_data, engine_env
 def test_yaml_round_trip_through_mlx_lm_lora(tiny_model, text_data, engine_env, tmp_path):
     flat = {"model": str(tiny_model), "data": str(text_data), "rank": 4, "alpha": 12.0, "layers": "last:1",
             "modules": ["q_proj", "down_proj"], "iters": 3, "batch_size": 2, "learning_rate": 1e-3,
-            "warmup": 1, "steps_per_eval": 100, "save_every": 100}
+            "warmup": 1, "steps_per_eval": 100, "save_every": 100, "weight_decay": 0.05}
     config = RunConfig.from_flat(flat)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(to_mlx_lm_yaml_dict(config)))
@@ -88,3 +88,5 @@ def test_yaml_round_trip_through_mlx_lm_lora(tiny_model, text_data, engine_env, 
     assert a["lora_parameters"]["rank"] == b["lora_parameters"]["rank"] == 4
     assert a["lora_parameters"]["scale"] == b["lora_parameters"]["scale"] == 3.0
     assert sorted(a["lora_parameters"]["keys"]) == sorted(b["lora_parameters"]["keys"])
+    # mlx-lm trains with the optimizer arguments it saved: our AdamW's weight decay, not mlx's default of 0.01
+    assert b["optimizer"] == "adamw" and b["optimizer_config"]["adamw"] == {"weight_decay": 0.05}

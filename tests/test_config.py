@@ -102,3 +102,20 @@ def test_mlx_lm_num_layers_reads_as_mlx_lm_adapts(num_layers, layers) -> None:
 def test_num_layers_not_a_number_is_one_line() -> None:
     with pytest.raises(ConfigError, match="^num_layers: expected a whole number, got 'many'$"):
         RunConfig.from_flat({"num_layers": "many"})
+
+
+def test_mlx_lm_optimizer_settings_are_read_or_refused() -> None:
+    """mlx-lm passes optimizer_config[its optimizer] to the optimizer: adamw's weight_decay is ours; what we cannot
+    honour (other arguments, gradient accumulation) is refused by name rather than dropped, which would train other
+    than the file says."""
+    read = RunConfig.from_flat({"optimizer": "adamw", "optimizer_config": {"adam": {}, "adamw": {"weight_decay": 0.1}}})
+    assert read.train.weight_decay == 0.1
+    assert RunConfig.from_flat({"optimizer_config": {"adamw": {"weight_decay": 0.1}}}).train.weight_decay == 0.0
+    unchanged = RunConfig.from_flat({"grad_accumulation_steps": 1, "optimizer_config": {"adam": {}}})
+    assert unchanged.to_flat() == RunConfig().to_flat()
+    with pytest.raises(ConfigError, match=r"^optimizer_config.adamw: betas, eps: not supported"):
+        RunConfig.from_flat({"optimizer": "adamw", "optimizer_config": {"adamw": {"betas": [0.9, 0.95], "eps": 1e-6}}})
+    with pytest.raises(ConfigError, match="^optimizer_config: expected a mapping"):
+        RunConfig.from_flat({"optimizer_config": "adamw"})
+    with pytest.raises(ConfigError, match="^grad_accumulation_steps: 4: gradient accumulation is not supported"):
+        RunConfig.from_flat({"batch_size": 1, "grad_accumulation_steps": 4})
