@@ -447,6 +447,9 @@ def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dic
             "arguments": [config.train.learning_rate, max(total - config.train.warmup, 1), 0.0],
             "warmup": config.train.warmup,
         }
+    elif config.train.warmup:  # constant after the warm-up: a linear schedule from the rate to itself
+        rate = config.train.learning_rate
+        out["lr_schedule"] = {"name": "linear_schedule", "arguments": [rate, rate, 1], "warmup": config.train.warmup}
     if config.lora.init_adapter:  # mlx-lm wants the weights file; ours takes the folder or the file
         path = config.lora.init_adapter
         out["resume_adapter_file"] = path if path.endswith(".safetensors") else str(Path(path) / "adapters.safetensors")
