@@ -122,9 +122,9 @@ def test_mlx_lm_optimizer_settings_are_read_or_refused() -> None:
         RunConfig.from_flat({"batch_size": 1, "grad_accumulation_steps": 4})
 
 
-def test_a_constant_rate_after_warm_up_reaches_mlx_lm() -> None:
-    """The YAML written for mlx-lm keeps a constant schedule's warm-up: mlx-lm's own build_schedule ramps to the rate
-    and holds it, and our CLI reads the file back to the same settings."""
+def test_a_constant_rate_reaches_mlx_lm() -> None:
+    """The YAML written for mlx-lm keeps a constant schedule and its warm-up: mlx-lm's own build_schedule ramps to
+    the rate and holds it, and our CLI reads the file back to the same settings (not as our default, cosine)."""
     from mlx_lm.tuner.utils import build_schedule
 
     config = RunConfig.from_flat({"lr_schedule": "constant", "warmup": 4, "learning_rate": 2e-4})
@@ -132,3 +132,7 @@ def test_a_constant_rate_after_warm_up_reaches_mlx_lm() -> None:
     schedule = build_schedule(written["lr_schedule"])
     assert [round(float(schedule(step)) / 2e-4, 6) for step in (0, 2, 4, 5, 50)] == [0.0, 0.5, 1.0, 1.0, 1.0]
     assert RunConfig.from_flat(written).to_flat() == config.to_flat()
+    constant = RunConfig.from_flat({"lr_schedule": "constant", "learning_rate": 2e-4})
+    written = to_mlx_lm_yaml_dict(constant)
+    assert [round(float(build_schedule(written["lr_schedule"])(step)) / 2e-4, 6) for step in (0, 50)] == [1.0, 1.0]
+    assert RunConfig.from_flat(written).to_flat() == constant.to_flat()
