@@ -447,8 +447,8 @@ def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dic
             "arguments": [config.train.learning_rate, max(total - config.train.warmup, 1), 0.0],
             "warmup": config.train.warmup,
         }
-    else:  # constant (after any warm-up): a linear schedule from the rate to itself, since without one our CLI
-        rate = config.train.learning_rate  # reads the file as our default, cosine
+    else:  # constant after any warm-up, named: our CLI reads a file without a schedule as our default, cosine
+        rate = config.train.learning_rate  # a linear schedule from the rate to itself
         out["lr_schedule"] = {"name": "linear_schedule", "arguments": [rate, rate, 1], "warmup": config.train.warmup}
     if config.lora.init_adapter:  # mlx-lm wants the weights file; ours takes the folder or the file
         path = config.lora.init_adapter
