@@ -53,8 +53,7 @@ def matmul_for(group_size: int, bits: int) -> Any:
         x, weight, scales, biases = primals
         # The weights are frozen: their zero cotangents are never evaluated
         return (cotangent @ dequantized(mx.depends(weight, cotangent), scales, biases, cotangent.dtype),
-                mx.zeros_like(weight),
-                mx.zeros_like(scales), mx.zeros_like(biases))
+                mx.zeros_like(weight), mx.zeros_like(scales), mx.zeros_like(biases))
 
     return matmul
 
