@@ -120,10 +120,13 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
         p.step = step
         if step == start_step:  # the first step includes loading and compiling: timed and counted apart
             mx.eval(state, tok_sum)
+            step_1_peak = mx.get_peak_memory()
             biggest = (s.plan.batch_size // s.size) * (s.plan.row_length() + 1)
             run_ahead.bound_run_ahead(before, step_1_tokens, biggest, usual_limit)
             first_tokens = int(tok_sum.item())
-            reporter.event("first_step", step=step, seconds=time.perf_counter() - s.started, tokens=first_tokens)
+            # On a GPU step 1 ran under tighten_for_step_1's limit: its peak is the memory a step needs
+            reporter.event("first_step", step=step, seconds=time.perf_counter() - s.started, tokens=first_tokens,
+                           peak_memory_gb=step_1_peak / 1e9)
             p.trained_tokens += first_tokens
             tok_sum, window_start = mx.array(0.0), time.perf_counter()
         last = step == s.total_steps

@@ -44,6 +44,9 @@ def test_validation_loss_falls(trained_run):
     assert [e["step"] for e in train_reports] == [5, 10, 15, 20, 25, 30]
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "trained_tokens", "peak_memory_gb"):
         assert all(key in e for e in train_reports)
+    # step 1's own peak: the run's peak so far then, so no later report's is lower
+    [first] = events(trained_run, "first_step")
+    assert 0 < first["peak_memory_gb"] <= train_reports[0]["peak_memory_gb"]
     assert runs.run_state(trained_run).status == "done"
     assert [e["step"] for e in events(trained_run, "checkpoint")] == [10, 20, 30]
 
