@@ -23,7 +23,8 @@ Each side runs as its own process from spawn to exit (model load, tokenizing, co
 - a side named with -qmm at the end (only when named: ours-qmm, ours-16gb-qmm) multiplies the frozen weights with
   the quantized matmul, as a Mac does, instead of CUDA's dequantized one (dequantized_matmul.py);
 - a side named with -mbN (ours-mb1000, ours-16gb-mb100-unbounded) runs with MLX_MAX_MB_PER_BUFFER=N: the MB of
-  kernel inputs MLX's CUDA backend gathers into one CUDA graph before it launches it (1000 on an H100).
+  kernel inputs MLX's CUDA backend gathers into one CUDA graph before it launches it (the CLI's default for
+  training is run_ahead.GRAPH_MB; MLX's own is 1000 on an H100).
 Both sides run with PyTorch hidden from transformers, as in their own installs (`peak`).
 MLX's peak is the process's whole peak (mx.get_peak_memory() at exit, loading included), the same for both sides;
 this file's `peak` command wraps each process for that. Our start-up comes from the run's events: spawn to the
@@ -35,6 +36,7 @@ time the second round on a warm machine. Needs MLX's CUDA build, mlx-lm and this
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -211,8 +213,6 @@ def peak(args: list[str]) -> None:
     import atexit
     import runpy
 
-    import mlx.core as mx
-
     # Neither side's own install has PyTorch (requirements.txt; mlx-lm's requirements), and transformers imports it
     # whenever it can find it: a GPU machine's Python often has it (bench/load_probe.py times the difference).
     sys.modules["torch"] = None  # type: ignore[assignment]
@@ -224,7 +224,9 @@ def peak(args: list[str]) -> None:
         from lora_app import dequantized_matmul
 
         dequantized_matmul.wanted = lambda: False
-    atexit.register(lambda: print(f"MLX_PEAK {mx.get_peak_memory()}", flush=True))
+    # mlx.core is imported at exit only: nothing here starts MLX before the CLI has set its environment
+    # (run_ahead.set_graph_size)
+    atexit.register(lambda: print(f"MLX_PEAK {importlib.import_module('mlx.core').get_peak_memory()}", flush=True))
     assert args[0] == "-m"
     sys.argv = [args[1], *args[2:]]
     runpy.run_module(args[1], run_name="__main__", alter_sys=True)

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import runs
+from . import run_ahead, runs
 from .config import SECTIONS, ConfigError, RunConfig, TrainConfig, field_help, load_config_file
 
 if TYPE_CHECKING:
@@ -455,6 +455,8 @@ def reexec_with_openblas(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # before anything starts MLX's GPU
+        run_ahead.set_graph_size()
     if args.command in ("train", "generate", "eval", "export", "push", "demo-model", "serve"):
         reexec_with_openblas(argv)
     from .user_errors import USER_ERRORS

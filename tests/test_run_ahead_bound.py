@@ -5,6 +5,8 @@ so these run the real loop here with the device reported as a GPU."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,3 +92,25 @@ def test_the_headroom_is_at_most_half_the_room_left(tiny_model, text_data, tmp_p
     monkeypatch.setattr(memory, "available_memory", lambda: (roomy, "test"))
     near_limits, losses, _ = train_as_on_a_gpu(tiny_model, text_data, tmp_path / "near", monkeypatch)
     assert tight < near_limits[1] < roomy - run_ahead.RUN_AHEAD_HEADROOM / 4 and len(losses) == 6
+
+
+GRAPH_VAR = "MLX_MAX_MB_PER_BUFFER"
+
+
+@pytest.mark.parametrize("given", [None, "7"])
+def test_the_training_cli_caps_mlx_cuda_graphs(given, engine_env, tmp_path) -> None:
+    """`python -m lora_app train` sets MLX's CUDA graph size (run_ahead.GRAPH_MB) before MLX starts, unless the user
+    chose one; here a config that does not exist ends the command right after."""
+    env = {k: v for k, v in engine_env.items() if k != GRAPH_VAR} | ({GRAPH_VAR: given} if given else {})
+    code = ("import os, sys; from lora_app.__main__ import main; code = main(sys.argv[1:]); "
+            f"print(code, os.environ.get({GRAPH_VAR!r}))")
+    out = subprocess.run([sys.executable, "-c", code, "train", "--config", str(tmp_path / "missing.json")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", given or str(run_ahead.GRAPH_MB)], out.stderr[-2000:]
+
+
+def test_metal_keeps_its_own_command_buffer_size(monkeypatch) -> None:
+    monkeypatch.setattr(run_ahead.platform, "system", lambda: "Darwin")
+    environ: dict[str, str] = {}
+    run_ahead.set_graph_size(environ)
+    assert environ == {}
