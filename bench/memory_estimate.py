@@ -245,12 +245,15 @@ def sweep_one(cfg: dict) -> dict:
 def in_process(kind: str, payload: dict, out: Path, timeout: int) -> dict:
     """Run one row (or sweep config) in a fresh process: MLX's peak, its caches and mlx-lm's grad_checkpoint
     (which patches the block's class) start clean."""
+    from lora_app.run_ahead import set_graph_size
     from lora_app.runs import engine_env
 
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, f"--{kind}", json.dumps(payload), "--out", str(out)]
-    try:  # engine_env: OpenBLAS on a Linux CPU, as the app's trainer processes have it
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=engine_env())
+    env = engine_env()  # OpenBLAS on a Linux CPU and (set_graph_size) MLX's CUDA graphs as the training CLI has them
+    set_graph_size(env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
         text = proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
