@@ -2,24 +2,26 @@
 
 MLX allocates a kernel's buffers when the host encodes it and frees them only once the GPU has run it. The host
 encodes a whole step in a few ms while the GPU needs tens of ms for it, so unbounded, the buffers of most of a step
-(and with async_eval, of the next one) are held at once: on an H100 (0.5B model, 8 x 512) 14.8 GB against the 8.7 GB
-a step needs. MLX's scheduler waits for running work before encoding more once active memory passes the memory
-limit, so the loop runs step 1 under a limit at the memory in use (its peak is then what a step needs), and after it
-sets a limit at that peak plus a headroom. Too little headroom costs speed: the host then waits for the GPU before
-most allocations and the GPU for the host after. The headroom takes at most half of what the machine gives the GPU
-beyond a step's need (memory.available_memory: a Mac's recommended working set, two thirds of a 16 GB Mac's
-memory), where MLX's own default limit (1.5 times that on a Mac) would allow more. A user-set memory_limit_gb is
-left as it is (that is how a user trades memory for speed); on the CPU, system memory is the limit already.
+(and with async_eval, of the next one) are held at once: on an H100 (0.5B model, 8 x 512, MLX's CUDA graphs of 1000
+MB) 14.8 GB against the 8.7 GB a step needs. MLX's scheduler waits for running work before encoding more once active
+memory passes the memory limit, so the loop runs step 1 under a limit at the memory in use (its peak is then what a
+step needs), and after it sets a limit at that peak plus a headroom. Too little headroom costs speed: the host then
+waits for the GPU before most allocations and the GPU for the host after. The headroom takes at most half of what
+the machine gives the GPU beyond a step's need (memory.available_memory: a Mac's recommended working set, two thirds
+of a 16 GB Mac's memory), where MLX's own default limit (1.5 times that on a Mac) would allow more. A user-set
+memory_limit_gb is left as it is (that is how a user trades memory for speed); on the CPU, system memory is the
+limit already.
 
 How much the host holds ahead also follows how MLX batches kernels. Metal commits a command buffer every 40-50 ops
 or MB of inputs; MLX's CUDA backend gathers kernels into a CUDA graph until its inputs pass 1000 MB (on an H100),
 launches it only then, and frees its buffers only when all of it has run. For training, set_graph_size() caps a
-graph at GRAPH_MB before MLX starts. On an H100 (bench/README.md, the 8B QLoRA) the checkpointed batch-1 run the
-app proposes for a 16 GB Mac then needed 8.65 GB a step instead of 9.57, peaked at 9.87 GB instead of 11.12 and
-ran 1.37 times as fast: under the old graphs the host waited for a whole graph's work before it could launch the
-next, and the GPU idled meanwhile. Without the run-ahead bound the same run was no faster (41.4 s against 41.8 s).
-The unconstrained batch-4 run needed 0.7 GB less at the same wall time. Generation keeps MLX's graphs: a decoding
-step is many small kernels, which such a cap would launch a few at a time (not measured).
+graph at GRAPH_MB before MLX starts. On an H100 (bench/README.md, the 8B QLoRA) the checkpointed batch-1 run the app
+proposes for a 16 GB Mac then needed 8.65 GB a step instead of 9.57, peaked at 9.87 GB instead of 11.12 and took
+41.8 s instead of 57.2: as MLX's source reads, under the memory limit the host waited for a whole graph to run
+before it went on, and the GPU idled while the host gathered the next. Without the run-ahead bound the same run was
+no faster (41.4 s against 41.8 s). The unconstrained batch-4 run needed 0.7 GB less at the same wall time.
+Generation keeps MLX's graphs: a decoding step is many small kernels, which such a cap would launch a few at a time
+(not measured).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from collections.abc import MutableMapping
 GRAPH_MB = 50
 
 # The memory over step 1's peak the host may allocate ahead of the GPU. Speed followed this absolute headroom on an
-# H200 (a 0.5B model): less cost up to 15%, more ran no faster, each GB adding a GB of peak. A bigger model's kernels
-# run longer, so the same bytes keep the GPU fed as long; a share of the peak instead took 5.9 GB on an 8B QLoRA.
+# H200 (a 0.5B model, graphs of 1000 MB): less cost up to 15%, more ran no faster, each GB adding a GB of peak. A
+# bigger model's kernels run longer, so the same bytes keep the GPU fed as long; a share of the peak instead took 5.9
+# GB on an 8B QLoRA.
 RUN_AHEAD_HEADROOM = 2e9
 
 
