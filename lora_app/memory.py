@@ -58,8 +58,8 @@ CPU_CKPT_OVERLAP = 0.43
 # With gradient checkpointing on a GPU each block keeps about this many intermediate-sized values a token beyond its
 # input: measured on an H100 (bench/README.md's memory table: Qwen2-0.5B bf16 and Llama-8B 4-bit, uniform and packed
 # mixed rows, all four fitted within 8% by this one number). Those runs had MLX's CUDA graphs of 1000 MB, which hold
-# every buffer of a graph until all of it has run; under the trainer's 50 MB graphs (run_ahead.set_graph_size) the
-# 8B at batch 1 needed 8.65 GB against this estimate's 9.22, so the number errs high there until refitted.
+# every buffer of a graph until all of it has run; under the trainer's 100 MB graphs (run_ahead.set_graph_size) the
+# 8B at batch 1 needed 8.68 GB against this estimate's 9.22, so the number errs high there until refitted.
 GPU_CKPT_KEPT_INTERMEDIATE = 1.1
 
 

@@ -16,12 +16,12 @@ How much the host holds ahead also follows how MLX batches kernels. Metal commit
 or MB of inputs; MLX's CUDA backend gathers kernels into a CUDA graph until its inputs pass 1000 MB (on an H100),
 launches it only then, and frees its buffers only when all of it has run. For training, set_graph_size() caps a
 graph at GRAPH_MB before MLX starts. On an H100 (bench/README.md, the 8B QLoRA) the checkpointed batch-1 run the app
-proposes for a 16 GB Mac then needed 8.65 GB a step instead of 9.57, peaked at 9.87 GB instead of 11.12 and took
-41.8 s instead of 57.2: as MLX's source reads, under the memory limit the host waited for a whole graph to run
-before it went on, and the GPU idled while the host gathered the next. Without the run-ahead bound the same run was
-no faster (41.4 s against 41.8 s). The unconstrained batch-4 run needed 0.7 GB less at the same wall time.
-Generation keeps MLX's graphs: a decoding step is many small kernels, which such a cap would launch a few at a time
-(not measured).
+proposes for a 16 GB Mac then needed 8.68 GB a step instead of 9.57, peaked at 10.18 GB instead of 11.12 and took
+41.5 s instead of 57.2: as MLX's source reads, under the memory limit the host waited for a whole graph to run
+before it went on, and the GPU idled while the host gathered the next. With graphs of 50 MB the run-ahead bound cost
+nothing there (41.4 s without it, 41.8 s with it). The unconstrained batch-4 run needed 0.7 GB less at the same wall
+time, and 3.5% fewer tokens a second after step 1. Generation keeps MLX's graphs: a decoding step is many small
+kernels, which such a cap would launch a few at a time (not measured).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import os
 import platform
 from collections.abc import MutableMapping
 
-# MLX_MAX_MB_PER_BUFFER for training processes: the MB of kernel inputs one CUDA graph gathers (see above). 50 and
-# 100 ran the 8B QLoRA equally fast; 50 held less, and is what Metal commits at on the larger Macs.
-GRAPH_MB = 50
+# MLX_MAX_MB_PER_BUFFER for training processes: the MB of kernel inputs one CUDA graph gathers (see above). 50, 100
+# and 200 ran the 8B QLoRA about equally fast, 50 at 0.3 GB less; 100 launches half as many graphs as 50 where
+# kernels are small (a small model's, not measured).
+GRAPH_MB = 100
 
 # The memory over step 1's peak the host may allocate ahead of the GPU. Speed followed this absolute headroom on an
 # H200 (a 0.5B model, graphs of 1000 MB): less cost up to 15%, more ran no faster, each GB adding a GB of peak. A
