@@ -120,6 +120,10 @@ class TrainConfig:
                             "If > 0, train this many epochs instead of --iters.", bounds=Bound(0, 100_000))
     batch_size: int = setting(4, "Batch size", "Sequences per step (over all processes).",
                               bounds=Bound(1, 100_000))
+    grad_accumulation: int = setting(
+        1, "Gradient accumulation (batches a step)",
+        "Batches whose gradients make one step's update: a step trains batch size × this many sequences at one "
+        "batch's memory.", bounds=Bound(1, 10_000))
     learning_rate: float = setting(1e-4, "Learning rate", "Peak learning rate.",
                                    bounds=Bound(0, 1e38, low_open=True))  # ~float32's largest; test_nan.py trains at it
     warmup: int = setting(0, "Warm-up steps", "Linear warm-up steps.", bounds=Bound(0, HUGE))
@@ -392,12 +396,33 @@ def translate_mlx_lm_keys(flat: dict[str, Any]) -> dict[str, Any]:
     resume_file = flat.pop("resume_adapter_file", None)  # mlx-lm: start from these weights
     if resume_file:
         flat.setdefault("init_adapter", resume_file)
-    accumulation = flat.pop("grad_accumulation_steps", None)
-    if accumulation not in (None, 1):
-        raise ConfigError(f"grad_accumulation_steps: {accumulation!r}: gradient accumulation is not supported here; "
-                          "set batch_size to the batch to train on (with grad_checkpoint if it does not fit)")
+    if "grad_accumulation_steps" in flat:
+        translate_accumulation(flat)
     translate_optimizer_config(flat)
     return flat
+
+
+# mlx-lm counts these in batches; with gradient accumulation our steps are updates of several batches
+MLX_LM_BATCH_COUNTS = ("iters", "steps_per_report", "steps_per_eval", "save_every")
+
+
+def translate_accumulation(flat: dict[str, Any]) -> None:
+    """mlx-lm's grad_accumulation_steps onto ours, and its counts of batches (iters, ...) onto our steps: each of
+    ours is an update of that many batches, where mlx-lm's iterations are batches (rounded up to whole steps)."""
+    steps = flat.pop("grad_accumulation_steps")
+    try:
+        steps = to_int(steps)
+    except (TypeError, ValueError):
+        raise ConfigError(f"grad_accumulation_steps: expected a whole number, got {steps!r}") from None
+    if steps < 1:
+        raise ConfigError(f"grad_accumulation_steps: {steps}: must be at least 1")
+    flat.setdefault("grad_accumulation", steps)
+    for key in MLX_LM_BATCH_COUNTS:
+        try:
+            value = to_int(flat[key])
+        except (KeyError, TypeError, ValueError):
+            continue  # absent, or left for the bounds check, whose message names the key
+        flat[key] = math.ceil(value / steps) if value > 0 else value
 
 
 def translate_optimizer_config(flat: dict[str, Any]) -> None:
@@ -438,6 +463,10 @@ def to_mlx_lm_yaml_dict(config: RunConfig, num_blocks: int | None = None) -> dic
         "dropout": config.lora.dropout,
         "keys": [full_module_name(m) for m in config.lora.modules],
     }
+    if config.train.grad_accumulation > 1:  # mlx-lm counts batches where we count updates of several
+        out["grad_accumulation_steps"] = config.train.grad_accumulation
+        for key in MLX_LM_BATCH_COUNTS:
+            out[key] = flat[key] * config.train.grad_accumulation
     if config.train.optimizer == "adamw":  # unless told, mlx's AdamW decays weights by 0.01; ours by weight_decay
         out["optimizer_config"] = {"adamw": {"weight_decay": config.train.weight_decay}}
     if config.train.lr_schedule == "cosine":

@@ -96,7 +96,8 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
         reporter.event("info", message=note)
     targets = apply_lora(model, cfg.lora, seed=t.seed)
     plan, val = plans(cfg, data, rank, size)
-    total_steps = max(1, math.ceil(t.epochs * plan.steps_per_epoch())) if t.epochs > 0 else t.iters
+    steps_per_epoch = math.ceil(plan.steps_per_epoch() / t.grad_accumulation)  # a step: an update of that many batches
+    total_steps = max(1, math.ceil(t.epochs * steps_per_epoch)) if t.epochs > 0 else t.iters
     optimizer = build_optimizer(cfg, total_steps)
     optimizer.init(model.trainable_parameters())
     s = Session(run_dir=Path(run_dir), cfg=cfg, rank=rank, size=size, model=model, tokenizer=tokenizer,
@@ -112,8 +113,8 @@ def prepare(run_dir: Path, cfg: RunConfig, resume: bool, reporter: Reporter) -> 
     lap("adapters and plan")
     n = trainable_parameter_count(model)
     reporter.event("info", message=f"trainable parameters: {n:,} ({len(targets.module_paths())} modules); "
-                                   f"{plan.steps_per_epoch()} steps per epoch; {total_steps} steps",
-                   trainable_params=n, steps_per_epoch=plan.steps_per_epoch(), data_format=data.format)
+                                   f"{steps_per_epoch} steps per epoch; {total_steps} steps",
+                   trainable_params=n, steps_per_epoch=steps_per_epoch, data_format=data.format)
     check_memory(s, n, reporter)
     lap("memory check")
     reporter.event("info", message=f"ready to train in {time.perf_counter() - started:.1f} s ({lap.text()})",

@@ -97,7 +97,8 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
         probe(s, reporter, control, 0)
     start_step = p.step + 1
     by_spans = attends_by_spans(s, objective)
-    step_fn, state = training_step(s.model, s.optimizer, objective, t.grad_clip)
+    step_fn, state = (training_step(s.model, s.optimizer, objective, t.grad_clip) if t.grad_accumulation == 1 else
+                      accumulating_step(s.model, s.optimizer, objective, t.grad_clip))
     s.model.train()
     losses: list[tuple[int, Any]] = []  # (step, loss) since the last report, read back only then
     # Summed since the last report: grad norm and the objective's own metrics (objective.metrics), one vector
@@ -105,7 +106,8 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
     tok_sum, window_tokens, window_start, excluded = mx.array(0.0), 0, time.perf_counter(), 0.0
     upcoming = upload(s, p.step, by_spans)
     mx.reset_peak_memory()  # the peak the train events report is the training's, not the loading's
-    before, step_1_tokens = mx.get_active_memory(), math.prod(upcoming[0][0].shape)
+    first_tokens = upcoming[0][0] if t.grad_accumulation == 1 else upcoming[0][0][0]  # its first batch's tokens
+    before, step_1_tokens = mx.get_active_memory(), math.prod(first_tokens.shape)
     usual_limit = run_ahead.tighten_for_step_1(t.memory_limit_gb)
     while p.step < s.total_steps:
         step = p.step + 1
@@ -175,9 +177,6 @@ def training_step(model: Any, optimizer: Any, objective: Objective, grad_clip: f
     batch that ends in span_attention.Spans: its graph follows the spans' lengths, which differ batch to batch."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx.nn.utils import average_gradients
-    from mlx.utils import tree_flatten
 
     from .span_attention import Spans
 
@@ -186,13 +185,8 @@ def training_step(model: Any, optimizer: Any, objective: Objective, grad_clip: f
 
     def step(*batch: Any) -> tuple[Any, Any, Any]:
         (loss, ntoks, *extra), grads = value_and_grad(model, *batch)
-        grads = average_gradients(grads)
-        if grad_clip:
-            grads, norm = optim.clip_grad_norm(grads, grad_clip)
-        else:
-            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
-        optimizer.update(model, grads)
-        return loss, ntoks, mx.concatenate([norm.reshape(1).astype(mx.float32), *extra])
+        norm = apply_gradients(model, optimizer, grads, grad_clip)
+        return loss, ntoks, mx.concatenate([norm, *extra])
 
     compiled = mx.compile(step, inputs=state, outputs=state)
 
@@ -200,6 +194,61 @@ def training_step(model: Any, optimizer: Any, objective: Objective, grad_clip: f
         return (step if isinstance(batch[-1], Spans) else compiled)(*batch)
 
     return compiled_unless_spans, state
+
+
+def accumulating_step(model: Any, optimizer: Any, objective: Objective, grad_clip: float = 0.0) -> tuple[Any, list]:
+    """As training_step, for gradient accumulation: a step takes several batches' arrays (`step(*batches)`) and
+    makes one update with the mean of their gradients, as mlx-lm's grad_accumulation_steps does. Each batch's
+    gradient is evaluated before the next batch's graph is built, so a step holds one batch's activations at a
+    time. Returns the batches' mean loss and metrics, their token count, and the mean gradient's norm."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map
+
+    from .span_attention import Spans
+
+    value_and_grad = nn.value_and_grad(model, objective.loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def gradient(*batch: Any) -> tuple[Any, Any, Any, Any]:
+        (loss, ntoks, *extra), grads = value_and_grad(model, *batch)
+        return loss, ntoks, mx.concatenate([mx.zeros((0,)), *extra]), grads
+
+    def update(grads: Any, batches: int) -> Any:
+        return apply_gradients(model, optimizer, tree_map(lambda g: g / batches, grads), grad_clip)
+
+    compiled_gradient = mx.compile(gradient, inputs=state, outputs=state)
+    compiled_update = mx.compile(update, inputs=state, outputs=state)
+
+    def step(*batches: Any) -> tuple[Any, Any, Any]:
+        total, sums = None, []
+        for batch in batches:
+            *values, grads = (gradient if isinstance(batch[-1], Spans) else compiled_gradient)(*batch)
+            total = grads if total is None else tree_map(mx.add, total, grads)
+            sums = values if not sums else [a + b for a, b in zip(sums, values)]
+            mx.async_eval(total, sums)  # this batch's activations are freed before the next batch's exist
+        loss, ntoks, extras = sums
+        norm = compiled_update(total, len(batches))
+        return loss / len(batches), ntoks, mx.concatenate([norm, extras / len(batches)])
+
+    return step, state
+
+
+def apply_gradients(model: Any, optimizer: Any, grads: Any, grad_clip: float) -> Any:
+    """Average the gradients over the processes, clip them (grad_clip > 0) and update the model: returns their
+    global norm before clipping, as a float32 vector of one."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.nn.utils import average_gradients
+    from mlx.utils import tree_flatten
+
+    grads = average_gradients(grads)
+    if grad_clip:
+        grads, norm = optim.clip_grad_norm(grads, grad_clip)
+    else:
+        norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+    optimizer.update(model, grads)
+    return norm.reshape(1).astype(mx.float32)
 
 
 def upload(s: Session, first: int, spans: bool = False) -> deque:
@@ -210,9 +259,13 @@ def upload(s: Session, first: int, spans: bool = False) -> deque:
     buffer to host-visible memory waits for all running work. Made one per step inside the loop, the inputs stalled
     the run-ahead at every step; made here, the wait finds the GPU idle already.
     """
-    every = s.cfg.train.steps_per_report
+    every, batches = s.cfg.train.steps_per_report, s.cfg.train.grad_accumulation
     last = min(s.total_steps, (first // every + 1) * every, first + UPLOAD_MOST)
-    return deque(batch_arrays(s.plan.batch_at(k), spans) for k in range(first, max(last, first + 1)))
+    if batches == 1:
+        return deque(batch_arrays(s.plan.batch_at(k), spans) for k in range(first, max(last, first + 1)))
+    # gradient accumulation: step k trains batches k * batches ... k * batches + batches - 1 (accumulating_step)
+    return deque(tuple(batch_arrays(s.plan.batch_at(k * batches + j), spans) for j in range(batches))
+                 for k in range(first, max(last, first + 1)))
 
 
 def check_finite(s: Session, reporter: Reporter, losses: list[tuple[int, Any]], start_step: int) -> None:

@@ -107,8 +107,7 @@ def test_num_layers_not_a_number_is_one_line() -> None:
 
 def test_mlx_lm_optimizer_settings_are_read_or_refused() -> None:
     """mlx-lm passes optimizer_config[its optimizer] to the optimizer: adamw's weight_decay is ours; what we cannot
-    honour (other arguments, gradient accumulation) is refused by name rather than dropped, which would train other
-    than the file says."""
+    honour (other arguments) is refused by name rather than dropped, which would train other than the file says."""
     read = RunConfig.from_flat({"optimizer": "adamw", "optimizer_config": {"adam": {}, "adamw": {"weight_decay": 0.1}}})
     assert read.train.weight_decay == 0.1
     assert RunConfig.from_flat({"optimizer_config": {"adamw": {"weight_decay": 0.1}}}).train.weight_decay == 0.0
@@ -118,8 +117,6 @@ def test_mlx_lm_optimizer_settings_are_read_or_refused() -> None:
         RunConfig.from_flat({"optimizer": "adamw", "optimizer_config": {"adamw": {"betas": [0.9, 0.95], "eps": 1e-6}}})
     with pytest.raises(ConfigError, match="^optimizer_config: expected a mapping"):
         RunConfig.from_flat({"optimizer_config": "adamw"})
-    with pytest.raises(ConfigError, match="^grad_accumulation_steps: 4: gradient accumulation is not supported"):
-        RunConfig.from_flat({"batch_size": 1, "grad_accumulation_steps": 4})
 
 
 def test_a_constant_rate_reaches_mlx_lm() -> None:

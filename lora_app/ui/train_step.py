@@ -252,7 +252,7 @@ HYPER_ROWS = (
     ("iters", "epochs", "batch_size", "learning_rate", "warmup", "lr_schedule"),
     ("optimizer", "weight_decay", "grad_clip", "max_seq_length", "batching", "memory_limit_gb"),
     ("steps_per_report", "steps_per_eval", "val_batches", "save_every", "keep_checkpoints", "seed"),
-    ("grad_checkpoint", "early_stop_patience", "early_stop_min_delta", "probe_max_tokens"),
+    ("grad_checkpoint", "grad_accumulation", "early_stop_patience", "early_stop_min_delta", "probe_max_tokens"),
     ("objective", "beta", "orpo_lambda", "report_to"),
 )
 ELEM_IDS = {"iters": "iters", "learning_rate": "learning-rate", "steps_per_report": "steps-per-report",
