@@ -106,8 +106,8 @@ def train(s: Session, objective: Objective, reporter: Reporter, control: Control
     tok_sum, window_tokens, window_start, excluded = mx.array(0.0), 0, time.perf_counter(), 0.0
     upcoming = upload(s, p.step, by_spans)
     mx.reset_peak_memory()  # the peak the train events report is the training's, not the loading's
-    first_tokens = upcoming[0][0] if t.grad_accumulation == 1 else upcoming[0][0][0]  # its first batch's tokens
-    before, step_1_tokens = mx.get_active_memory(), math.prod(first_tokens.shape)
+    first_batch_tokens = upcoming[0][0] if t.grad_accumulation == 1 else upcoming[0][0][0]
+    before, step_1_tokens = mx.get_active_memory(), math.prod(first_batch_tokens.shape)
     usual_limit = run_ahead.tighten_for_step_1(t.memory_limit_gb)
     while p.step < s.total_steps:
         step = p.step + 1
@@ -221,14 +221,13 @@ def accumulating_step(model: Any, optimizer: Any, objective: Objective, grad_cli
     compiled_update = mx.compile(update, inputs=state, outputs=state)
 
     def step(*batches: Any) -> tuple[Any, Any, Any]:
-        total, sums = None, []
+        total = None  # the sums of (loss, tokens, metrics, gradients) over the batches so far
         for batch in batches:
-            *values, grads = (gradient if isinstance(batch[-1], Spans) else compiled_gradient)(*batch)
-            total = grads if total is None else tree_map(mx.add, total, grads)
-            sums = values if not sums else [a + b for a, b in zip(sums, values)]
-            mx.async_eval(total, sums)  # this batch's activations are freed before the next batch's exist
-        loss, ntoks, extras = sums
-        norm = compiled_update(total, len(batches))
+            result = (gradient if isinstance(batch[-1], Spans) else compiled_gradient)(*batch)
+            total = result if total is None else tree_map(mx.add, total, result)
+            mx.async_eval(total)  # this batch's activations are freed before the next batch's exist
+        loss, ntoks, extras, grads = total
+        norm = compiled_update(grads, len(batches))
         return loss / len(batches), ntoks, mx.concatenate([norm, extras / len(batches)])
 
     return step, state
@@ -260,12 +259,11 @@ def upload(s: Session, first: int, spans: bool = False) -> deque:
     the run-ahead at every step; made here, the wait finds the GPU idle already.
     """
     every, batches = s.cfg.train.steps_per_report, s.cfg.train.grad_accumulation
-    last = min(s.total_steps, (first // every + 1) * every, first + UPLOAD_MOST)
+    steps = range(first, max(min(s.total_steps, (first // every + 1) * every, first + UPLOAD_MOST), first + 1))
     if batches == 1:
-        return deque(batch_arrays(s.plan.batch_at(k), spans) for k in range(first, max(last, first + 1)))
+        return deque(batch_arrays(s.plan.batch_at(k), spans) for k in steps)
     # gradient accumulation: step k trains batches k * batches ... k * batches + batches - 1 (accumulating_step)
-    return deque(tuple(batch_arrays(s.plan.batch_at(k * batches + j), spans) for j in range(batches))
-                 for k in range(first, max(last, first + 1)))
+    return deque(tuple(batch_arrays(s.plan.batch_at(k * batches + j), spans) for j in range(batches)) for k in steps)
 
 
 def check_finite(s: Session, reporter: Reporter, losses: list[tuple[int, Any]], start_step: int) -> None:
